@@ -1,0 +1,3 @@
+from t2t_vit.cli import main
+
+raise SystemExit(main())
