@@ -1,0 +1,242 @@
+"""T2T-ViT: tokenizer → [cls; tokens] + fixed sinusoid table → blocks → norm → head (paper Eq. 5).
+
+The class also fulfils timm's model contract (forward_features / forward_head, intermediates,
+gradient checkpointing, classifier reset, weight-decay exclusions) so every timm tool works.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq
+
+from t2t_vit.blocks import DenseBlock, Transition, build_blocks
+from t2t_vit.errors import T2TViTError
+from t2t_vit.layers import Attention, sinusoid_table
+from t2t_vit.t2t import SoftSplitSpec, build_tokenizer
+
+
+def to_2tuple_size(img_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(img_size, int):
+        return img_size, img_size
+    size = tuple(int(v) for v in img_size)
+    if len(size) != 2:
+        raise T2TViTError(f"img_size must be an int or (height, width), got {img_size!r}")
+    return size  # type: ignore[return-value]
+
+
+class T2TViT(nn.Module):
+    """Tokens-to-Token Vision Transformer and the paper's ViT / ablation variants.
+
+    Args:
+        img_size: input size, an int or (height, width); the position table is built for it.
+        tokenizer: "performer" or "transformer" (T2T module with that layer kind), "conv"
+            (T2T-ViTc), or "patch" (plain ViT patch split).
+        stem: soft-split schedule, "imagenet" (7/4, 3/2, 3/2), "small" (3/1, 3/2, 3/2, for
+            32 px images) or a sequence of (kernel, stride, padding).
+        block: "standard", "se" or "ghost".
+        dense_stages / growth: dense connectivity (blocks per stage, channels each block adds).
+        dynamic_img_size: accept other input sizes by resampling the position table on the fly.
+    """
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        tokenizer: str = "performer",
+        stem: str | Sequence[SoftSplitSpec] = "imagenet",
+        token_dim: int = 64,
+        patch_size: int = 16,
+        embed_dim: int = 384,
+        depth: int = 14,
+        num_heads: int = 6,
+        mlp_ratio: float = 3.0,
+        mlp_hidden_dim: int | None = None,
+        qkv_bias: bool = False,
+        block: str = "standard",
+        dense_stages: Sequence[int] | None = None,
+        growth: int = 0,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        global_pool: str = "token",
+        dynamic_img_size: bool = False,
+        fused_attn: bool = True,
+    ) -> None:
+        super().__init__()
+        if global_pool not in ("token", "avg", ""):
+            raise T2TViTError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        self.img_size = to_2tuple_size(img_size)
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.dynamic_img_size = dynamic_img_size
+        self.num_prefix_tokens = 1
+        self.grad_checkpointing = False
+        self.embed_dim = embed_dim
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.tokens_to_token = build_tokenizer(tokenizer, in_chans, embed_dim, token_dim, stem, patch_size)
+        self.grid_size = self.tokens_to_token.grid(self.img_size)
+        num_tokens = self.grid_size[0] * self.grid_size[1]
+        self.pos_embed = nn.Parameter(sinusoid_table(num_tokens + 1, embed_dim), requires_grad=False)
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.blocks, self.num_features = build_blocks(
+            embed_dim, depth, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, drop_path_rate,
+            kind=block, mlp_hidden_dim=mlp_hidden_dim, dense_stages=dense_stages, growth=growth,
+        )
+        self.head_hidden_size = self.num_features
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = []
+        width = embed_dim
+        for index, blk in enumerate(self.blocks):
+            width = _out_width(blk, width)
+            self.feature_info.append(dict(module=f"blocks.{index}", num_chs=width, reduction=self.reduction))
+
+        trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+        set_fused_attn(self, fused_attn)
+
+    # ---- geometry -------------------------------------------------------------------------
+    @property
+    def reduction(self) -> int:
+        return max(1, self.img_size[0] // self.grid_size[0])
+
+    def _position_table(self, grid: tuple[int, int]) -> Tensor:
+        if grid == self.grid_size:
+            return self.pos_embed
+        if not self.dynamic_img_size:
+            raise T2TViTError(
+                f"this model was built for {self.img_size[0]}x{self.img_size[1]} inputs "
+                f"({self.grid_size[0]}x{self.grid_size[1]} tokens) but got a {grid[0]}x{grid[1]} token grid; "
+                "create it with the right img_size, or with dynamic_img_size=True to resample the position table"
+            )
+        return resample_abs_pos_embed(
+            self.pos_embed, new_size=list(grid), old_size=list(self.grid_size), num_prefix_tokens=1
+        )
+
+    # ---- forward --------------------------------------------------------------------------
+    def embed(self, x: Tensor) -> Tensor:
+        """Image → tokens with cls token and position table, before the blocks."""
+        if x.ndim != 4:
+            raise T2TViTError(f"expected images of shape (batch, channels, height, width), got {tuple(x.shape)}")
+        grid = self.tokens_to_token.grid(tuple(x.shape[-2:]))
+        tokens = self.tokens_to_token(x)
+        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
+        return self.pos_drop(tokens + self._position_table(grid).to(tokens.dtype))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.embed(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+    def pool(self, x: Tensor) -> Tensor:
+        if self.global_pool == "avg":
+            return x[:, self.num_prefix_tokens :].mean(dim=1)
+        if self.global_pool == "token":
+            return x[:, 0]
+        return x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.head_drop(self.pool(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """timm's intermediate-feature API: outputs of the chosen blocks, as NCHW maps or NLC tokens."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise T2TViTError("output_fmt must be 'NCHW' or 'NLC'")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        grid = self.tokens_to_token.grid(tuple(x.shape[-2:]))
+        x = self.embed(x)
+        blocks = self.blocks if not stop_early else self.blocks[: max_index + 1]
+        intermediates = []
+        for i, block in enumerate(blocks):
+            x = block(x)
+            if i in take:
+                y = self.norm(x) if norm and x.shape[-1] == self.num_features else x
+                y = y[:, self.num_prefix_tokens :]
+                if output_fmt == "NCHW":
+                    y = y.reshape(y.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+                intermediates.append(y)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True):
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+    # ---- timm contract --------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "pos_embed"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^cls_token|pos_embed|tokens_to_token", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            _init_weights(self.head)
+
+
+def _out_width(block: nn.Module, width: int) -> int:
+    if isinstance(block, DenseBlock):
+        return width + block.dense_linear.out_features
+    if isinstance(block, Transition):
+        return block.linear.out_features
+    return width
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def set_fused_attn(model: nn.Module, enable: bool = True) -> nn.Module:
+    """Switch every softmax attention of ``model`` between the fused kernel and the plain path."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.fused_attn = enable
+    return model
