@@ -116,9 +116,7 @@ class T2TViT(nn.Module):
                 f"({self.grid_size[0]}x{self.grid_size[1]} tokens) but got a {grid[0]}x{grid[1]} token grid; "
                 "create it with the right img_size, or with dynamic_img_size=True to resample the position table"
             )
-        return resample_abs_pos_embed(
-            self.pos_embed, new_size=list(grid), old_size=list(self.grid_size), num_prefix_tokens=1
-        )
+        return resample_position_table(self.pos_embed, grid, self.grid_size)
 
     # ---- forward --------------------------------------------------------------------------
     def embed(self, x: Tensor) -> Tensor:
@@ -214,6 +212,16 @@ class T2TViT(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             _init_weights(self.head)
+
+
+def resample_position_table(table: Tensor, new_grid: Sequence[int], old_grid: Sequence[int]) -> Tensor:
+    """Bicubic resampling of a (1, 1 + h·w, D) table over its grid, cls row kept.
+
+    Plain bicubic (no antialiasing), as the authors' loader does, so fine-tuned checkpoints agree.
+    """
+    return resample_abs_pos_embed(
+        table, new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=1, antialias=False
+    )
 
 
 def _out_width(block: nn.Module, width: int) -> int:

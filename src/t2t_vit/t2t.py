@@ -33,34 +33,43 @@ def split_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def token_grid(img_size: tuple[int, int], specs: Sequence[SoftSplitSpec]) -> tuple[int, int]:
-    """The (h, w) grid of tokens after all soft splits; raises a clear error if a split cannot tile."""
-    h, w = img_size
+def side_after_splits(size: int, specs: Sequence[SoftSplitSpec]) -> int | None:
+    """Tokens along one side after every soft split, or None if a split would drop input pixels.
+
+    A split drops pixels when its last window ends before the last real (unpadded) pixel; unfold
+    would silently crop them, so such sizes are refused rather than half-used.
+    """
     for kernel, stride, padding in specs:
-        if h + 2 * padding < kernel or w + 2 * padding < kernel:
+        if size + 2 * padding < kernel:
+            return None
+        out = split_size(size, kernel, stride, padding)
+        if (out - 1) * stride + kernel < size + padding:
+            return None
+        size = out
+    return size
+
+
+def sizes_that_work(size: int, specs: Sequence[SoftSplitSpec], count: int = 2) -> list[int]:
+    """The closest side lengths below and above ``size`` that the soft splits accept."""
+    below = [s for s in range(size - 1, 0, -1) if side_after_splits(s, specs)][:count]
+    above = [s for s in range(size + 1, size + 64) if side_after_splits(s, specs)][:count]
+    return sorted(below + above)
+
+
+def token_grid(img_size: tuple[int, int], specs: Sequence[SoftSplitSpec]) -> tuple[int, int]:
+    """The (h, w) token grid after all soft splits; a clear error for sizes they cannot tile."""
+    grid = []
+    for side in img_size:
+        tokens = side_after_splits(int(side), specs)
+        if tokens is None:
+            schedule = ", ".join(f"{k}/{s}" for k, s, _ in specs)
             raise T2TViTError(
-                f"image size {img_size[0]}x{img_size[1]} is too small for the soft splits "
-                f"{[s[0] for s in specs]} (kernels) / {[s[1] for s in specs]} (strides); "
-                f"use at least {min_image_size(specs)} px per side"
+                f"image size {img_size[0]}x{img_size[1]} cannot be tiled by the soft splits "
+                f"(kernel/stride {schedule}): a side of {side} px would lose pixels; "
+                f"sides that work near it: {', '.join(map(str, sizes_that_work(int(side), specs)))}"
             )
-        h, w = split_size(h, kernel, stride, padding), split_size(w, kernel, stride, padding)
-    return h, w
-
-
-def min_image_size(specs: Sequence[SoftSplitSpec]) -> int:
-    """The smallest side length every soft split of ``specs`` accepts."""
-    size = 1
-    while True:
-        h = size
-        ok = True
-        for kernel, stride, padding in specs:
-            if h + 2 * padding < kernel:
-                ok = False
-                break
-            h = split_size(h, kernel, stride, padding)
-        if ok:
-            return size
-        size += 1
+        grid.append(tokens)
+    return grid[0], grid[1]
 
 
 def restructurize(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -134,7 +143,8 @@ class TokenPerformer(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Linear-time attention in float32, (B, N, out_dim)."""
-        with torch.autocast(device_type=q.device.type, enabled=False):
+        # "meta" (used for MAC counting) has no autocast state; CPU's stands in for it.
+        with torch.autocast(device_type="cuda" if q.is_cuda else "cpu", enabled=False):
             qp, kp = self.feature_map(q), self.feature_map(k)
             kv = kp.transpose(1, 2) @ v.float()  # (B, m, out_dim): never an N×N matrix
             normaliser = qp @ kp.sum(dim=1).unsqueeze(-1)  # (B, N, 1)
@@ -209,10 +219,7 @@ class PatchTokenizer(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def grid(self, img_size: tuple[int, int]) -> tuple[int, int]:
-        p = self.patch_size
-        if img_size[0] < p or img_size[1] < p:
-            raise T2TViTError(f"image size {img_size[0]}x{img_size[1]} is smaller than the {p}px patch")
-        return img_size[0] // p, img_size[1] // p
+        return token_grid(img_size, [(self.patch_size, self.patch_size, 0)])
 
     def forward(self, image: Tensor) -> Tensor:
         return self.proj(image).flatten(2).transpose(1, 2)
