@@ -291,7 +291,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     model.zero_grad()
     model.set_grad_checkpointing(True)
     model(x).sum().backward()
-    for a, b in zip(plain, [p.grad for p in model.parameters() if p.grad is not None]):
+    for a, b in zip(plain, [p.grad for p in model.parameters() if p.grad is not None], strict=True):
         torch.testing.assert_close(a, b)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 import timm
-from torch import nn
 
 from t2t_vit.errors import T2TViTError
 from t2t_vit.model import T2TViT, set_fused_attn
