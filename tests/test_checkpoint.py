@@ -85,6 +85,8 @@ def test_authors_pth_tar_prefers_ema_and_strips_module(tmp_path, images):
     torch.testing.assert_close(logits(fresh, images), logits(ema, images), rtol=0, atol=0)
     load_checkpoint(fresh, path, use_ema=False)
     torch.testing.assert_close(logits(fresh, images), logits(plain, images), rtol=0, atol=0)
+    built = t2t_vit.create_model("t2t_vit_7", num_classes=10, checkpoint_path=str(path), **SMALL)
+    torch.testing.assert_close(logits(built, images), logits(ema, images), rtol=0, atol=0)
     meta = read_metadata(path)
     assert meta["format"] == "authors" and meta["epoch"] == 3 and meta["args"]["model"] == "T2t_vit_7"
     assert meta["has_ema"] is True
@@ -109,9 +111,11 @@ def test_plain_safetensors_and_shared_tensors(tmp_path, images):
     torch.testing.assert_close(logits(fresh, images), logits(src, images), rtol=0, atol=0)
     # tied and non-contiguous tensors: save_weights stores each as its own contiguous copy
     base = torch.arange(12.0).reshape(3, 4)
-    save_weights({"a": base, "b": base, "c": base.t()}, tmp_path / "shared.safetensors")
+    window = torch.arange(10.0)[2:6]  # contiguous, but an offset into a larger storage
+    save_weights({"a": base, "b": base, "c": base.t(), "d": window}, tmp_path / "shared.safetensors")
     out = read_state_dict(tmp_path / "shared.safetensors")
     assert torch.equal(out["a"], base) and torch.equal(out["b"], base) and torch.equal(out["c"], base.t())
+    assert torch.equal(out["d"], torch.tensor([2.0, 3.0, 4.0, 5.0]))
 
 
 # ---- adaptation ----------------------------------------------------------------------------
@@ -290,7 +294,7 @@ def test_convert_cli(tmp_path, monkeypatch, capsys):
     assert cli.main(["convert", str(src), str(out)]) == 0
     assert "t2t_vit_7, 1000 classes, 224x224 px, weights from 71.7_T2T_ViT_7.pth.tar:state_dict_ema" in capsys.readouterr().out
     meta = read_metadata(out)
-    assert meta["format"] == "t2t-vit" and meta["model"] == "t2t_vit_7" and meta["step"] == 3
+    assert meta["format"] == "t2t-vit" and meta["model"] == "t2t_vit_7" and meta["epoch"] == 3
     converted = read_state_dict(out)
     assert converted.keys() == ema.state_dict().keys()
     assert all(torch.equal(converted[k], v) for k, v in ema.state_dict().items())

@@ -101,7 +101,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, model_name: str | No
     load_checkpoint(model, src, strict=True, use_ema=use_ema)  # raises one clear line on mismatch
     metadata = dict(
         format=FORMAT, model=name, model_kwargs={}, num_classes=num_classes, img_size=img_size,
-        class_names=list(class_names or []), preferred="model", step=int(meta.get("epoch", 0) or 0),
+        class_names=list(class_names or []), preferred="model", step=0, epoch=int(meta.get("epoch", 0) or 0),
         source=f"{Path(src).name}:{source}",
     )
     save_weights(model, dst, metadata=metadata)
