@@ -271,7 +271,7 @@ def test_timm_pretrained_file_path(tmp_path, images):
 def test_save_pretrained_loads_in_ours_and_timm(tmp_path, images):
     src = small_model(seed=14)
     names = [f"class_{i}" for i in range(10)]
-    save_pretrained(src, tmp_path / "pretrained", class_names=names)
+    save_pretrained(src, tmp_path / "pretrained", class_names=names, data_config=dict(mean=(0.5,) * 3, std=(0.25,) * 3))
     config = json.loads((tmp_path / "pretrained" / "config.json").read_text())
     assert config["architecture"] == "t2t_vit_7" and config["num_classes"] == 10
     assert config["model_args"]["img_size"] == [32, 32] and config["model_args"]["stem"] == "small"
@@ -280,6 +280,7 @@ def test_save_pretrained_loads_in_ours_and_timm(tmp_path, images):
     theirs = timm.create_model(f"local-dir:{tmp_path / 'pretrained'}", pretrained=True).eval()
     for loaded in (ours, theirs):
         torch.testing.assert_close(logits(loaded, images), logits(src, images), rtol=0, atol=0)
+        assert tuple(loaded.pretrained_cfg["mean"]) == (0.5,) * 3 and tuple(loaded.pretrained_cfg["input_size"]) == (3, 32, 32)
     assert read_metadata(tmp_path / "pretrained")["class_names"] == names
     assert from_pretrained(tmp_path / "pretrained", num_classes=3).head.out_features == 3
 

@@ -371,7 +371,7 @@ def mismatch_message(report: LoadReport, state_dict: Mapping[str, Tensor], model
     if report.mismatched:
         shapes = [f"{k} {list(a)} vs {list(b)}" for k, a, b in report.mismatched]
         parts.append(f"{len(shapes)} shape mismatches (checkpoint vs model): {_preview(shapes, 3)}")
-    parts.append("create the model the checkpoint was trained as, or pass strict=False to load only what fits")
+    parts.append("use the model the checkpoint was trained as (or strict=False to load only what fits)")
     return "; ".join(parts)
 
 
@@ -461,6 +461,11 @@ def save_weights(model_or_state_dict: nn.Module | Mapping[str, Tensor], path: st
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=encode_metadata(metadata))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # on disk before it takes the final name
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the weights from the group
         os.replace(tmp, path)
     except OSError as err:
         raise T2TViTError(f"cannot write {path}: {err.strerror or err}") from None

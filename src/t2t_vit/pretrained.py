@@ -30,8 +30,13 @@ def _model_args(model: nn.Module) -> dict[str, Any]:
     return json.loads(json.dumps(get_model_args(model)))  # tuples → lists, as they come back from JSON
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike, class_names: Sequence[str] | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` for a model built by :func:`t2t_vit.create_model`."""
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, class_names: Sequence[str] | None = None,
+                    data_config: dict[str, Any] | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` for a model built by :func:`t2t_vit.create_model`.
+
+    ``class_names`` become timm's ``label_names``; ``data_config`` (e.g. ``mean``, ``std``,
+    ``crop_pct``) records preprocessing that differs from the model's defaults.
+    """
     from timm.models._hub import save_config_for_hf
 
     cfg = getattr(model, "pretrained_cfg", None)
@@ -41,7 +46,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, class_names:
     directory.mkdir(parents=True, exist_ok=True)
     model_args = _model_args(model)
     model_config = {"label_names": list(class_names)} if class_names else None
-    save_config_for_hf(model, str(directory / CONFIG_NAME), model_config=model_config)
+    save_config_for_hf(model, str(directory / CONFIG_NAME), model_config=model_config, data_config=data_config)
     metadata = dict(
         format=FORMAT, model=cfg["architecture"], model_kwargs=model_args, num_classes=model.num_classes,
         img_size=list(model.img_size), class_names=list(class_names or []), preferred="model",
@@ -63,6 +68,9 @@ def from_pretrained(directory: str | os.PathLike, **overrides: Any) -> nn.Module
     name = config.get("architecture")
     kwargs = {**config.get("model_args", {}), **overrides}
     kwargs.setdefault("num_classes", config.get("num_classes", 1000))
+    # the saved preprocessing (input size, mean/std, crop) becomes the model's pretrained_cfg, as in timm
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in config.get("pretrained_cfg", {}).items()}
+    kwargs.setdefault("pretrained_cfg_overlay", cfg)
     model = t2t_vit.create_model(name, **kwargs)
     load_checkpoint(model, directory / WEIGHTS_NAME)
     return model
