@@ -25,7 +25,7 @@ CONFIG_NAME = "config.json"
 
 def _model_args(model: nn.Module) -> dict[str, Any]:
     """The kwargs that rebuild ``model`` (recorded by timm's factory; drop rates left out)."""
-    from timm.models._input import get_model_args
+    from timm.models import get_model_args
 
     return json.loads(json.dumps(get_model_args(model)))  # tuples → lists, as they come back from JSON
 
