@@ -286,7 +286,6 @@ def test_save_pretrained_loads_in_ours_and_timm(tmp_path, images):
 
 
 def test_convert_cli(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["t2t_vit.pretrained"])  # only the command under test
     torch.manual_seed(15)
     ema, plain = t2t_vit.create_model("t2t_vit_7"), t2t_vit.create_model("t2t_vit_7")
     src = tmp_path / "71.7_T2T_ViT_7.pth.tar"

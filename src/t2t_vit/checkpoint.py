@@ -29,10 +29,10 @@ from typing import Any, Mapping
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from t2t_vit.errors import T2TViTError
+from t2t_vit.model import resample_position_table
 
 _log = logging.getLogger(__name__)
 
@@ -280,10 +280,7 @@ def adapt_state_dict(state_dict: dict[str, Tensor], model: nn.Module, meta: Mapp
         else:  # same length, but maybe another grid (8x12 vs 12x8): only metadata can tell
             old = _metadata_grid(pos.shape[1] - 1, model, meta or {}) or new
         if old != new:
-            # The authors' resize: cls row kept, bicubic over the grid, no antialiasing.
-            state_dict["pos_embed"] = resample_abs_pos_embed(
-                pos.float(), new_size=list(new), old_size=list(old), num_prefix_tokens=1, antialias=False
-            ).to(pos.dtype)
+            state_dict["pos_embed"] = resample_position_table(pos.float(), new, old).to(pos.dtype)
             report.resampled_pos_embed = (old, new)
     head_w, own_w = state_dict.get("head.weight"), target.get("head.weight")
     if own_w is None and head_w is not None:
