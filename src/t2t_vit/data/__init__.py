@@ -56,6 +56,7 @@ def create_datasets(
     interpolation: str = "bicubic",
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
+    verify: str = "header",
 ) -> DataBundle:
     """Build the train and validation data sets.
 
@@ -70,6 +71,9 @@ def create_datasets(
         interpolation: eval resize interpolation.
         mean, std: normalisation; ``None`` picks ImageNet's for ImageFolder and the data set's own
             statistics for digits and CIFAR.
+        verify: ImageFolder scan check: ``"header"`` (default: header + end marker, no decode),
+            ``"full"`` (decode every image at start; small sets) or ``"none"`` (list files only;
+            bad files are then caught when loaded).
 
     Raises:
         T2TViTError: a missing path, an unknown layout, no usable images, or train/val class lists
@@ -99,7 +103,7 @@ def create_datasets(
     mean, std = _stats(mean, std, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     train_tf, eval_tf, opts, crop = build_transforms("imagefolder", img_size, augment, crop_pct, interpolation,
                                                      mean, std)
-    train, val, names, skipped = create_imagefolder(root, train_tf, eval_tf)
+    train, val, names, skipped = create_imagefolder(root, train_tf, eval_tf, verify)
     return DataBundle(train, val, names, mean, std, "imagefolder", skipped, train_tf, eval_tf, opts, crop)
 
 
