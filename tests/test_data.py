@@ -334,3 +334,15 @@ def test_imagefolder_errors(tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(T2TViTError, match="has no train/ folder"):
         create_datasets(str(tmp_path / "d"), 32, None)
+
+
+def test_randaugment_posterize_zero_bits_does_not_crash():
+    """rand-m9-mstd0.5 reaches magnitude 10 = keep 0 bits, which Pillow >= 11 refuses by itself."""
+    from timm.data.auto_augment import AugmentOp
+
+    img = _rgb(0)
+    op = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
+    out = np.asarray(op(img))
+    assert out.shape == (30, 40, 3) and (out == 0).all()
+    four = np.asarray(AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=0)(img))
+    assert (four == (np.asarray(img) & 0xF0)).all()  # level 0 keeps the 4 high bits
