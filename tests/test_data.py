@@ -109,7 +109,8 @@ def _cifar_images(labels, start):
 
 
 def _dump(path: Path, obj, protocol=2):
-    path.write_bytes(pickle.dumps(obj, protocol=protocol))
+    # the real files were written by Python 2 / numpy 1: arrays refer to numpy.core.multiarray
+    path.write_bytes(pickle.dumps(obj, protocol=protocol).replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
 
 
 @pytest.fixture()
