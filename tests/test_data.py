@@ -88,6 +88,10 @@ def test_no_augment_is_deterministic_eval_transform(digits):
 def test_unknown_augment_key_is_refused():
     with pytest.raises(T2TViTError, match="hflp.*valid: .*hflip"):
         create_datasets("digits", 32, {"hflp": 0.0})
+    with pytest.raises(T2TViTError, match="unknown interpolation 'cubic'"):
+        create_datasets("digits", 32, None, interpolation="cubic")
+    with pytest.raises(T2TViTError, match="crop_pct must be in"):
+        create_datasets("digits", 32, None, crop_pct=1.5)
 
 
 def test_non_square_img_size():

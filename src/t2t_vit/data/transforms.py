@@ -40,6 +40,8 @@ IMAGENET_AUGMENT: dict[str, Any] = dict(
     re_prob=0.25, re_mode="pixel", re_count=1, interpolation="random", color_jitter=0.4,
 )
 
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+
 # Per-data-set values that a user's ``augment`` dict is merged over. Digits are never flipped
 # (a mirrored 2 is not a 2) and are only 8x8 pixels of signal, so crops stay large.
 DATASET_AUGMENT: dict[str, dict[str, Any]] = {
@@ -83,6 +85,9 @@ def resolve_augment(kind: str, augment: dict[str, Any] | None) -> dict[str, Any]
         if opts.get(key) is not None:
             opts[key] = tuple(float(v) for v in opts[key])
     opts.setdefault("interpolation", "random")
+    if opts["interpolation"] not in INTERPOLATIONS + ("random",):
+        raise T2TViTError(f"unknown augment interpolation {opts['interpolation']!r}; "
+                          f"valid: random, {', '.join(INTERPOLATIONS)}.")
     return opts
 
 
@@ -100,6 +105,8 @@ def build_transforms(
     ``augment=None`` gives the deterministic eval transform for training too (``--no-augment``).
     """
     size = _to_size(img_size)
+    if interpolation not in INTERPOLATIONS:
+        raise T2TViTError(f"unknown interpolation {interpolation!r}; valid: {', '.join(INTERPOLATIONS)}.")
     crop_pct = DEFAULT_CROP_PCT.get(kind, 0.9) if crop_pct is None else float(crop_pct)
     if not 0.0 < crop_pct <= 1.0:
         raise T2TViTError(f"crop_pct must be in (0, 1], got {crop_pct}.")
