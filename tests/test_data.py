@@ -351,3 +351,14 @@ def test_randaugment_posterize_zero_bits_does_not_crash():
     assert out.shape == (30, 40, 3) and (out == 0).all()
     four = np.asarray(AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=0)(img))
     assert (four == (np.asarray(img) & 0xF0)).all()  # level 0 keeps the 4 high bits
+
+
+def test_worker_processes_survive_bad_files(messy):
+    """With verify="none" every bad file reaches the workers; the epoch still completes."""
+    root, good, bad = messy
+    b = create_datasets(str(root), 16, default_augment("imagefolder"), verify="none")
+    n_files = len(b.train)
+    assert n_files > len(good)  # the bad files were not filtered at scan
+    loader = torch.utils.data.DataLoader(b.train, batch_size=4, num_workers=2)
+    labels = [y for _, ys in loader for y in ys.tolist()]
+    assert len(labels) == n_files

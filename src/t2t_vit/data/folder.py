@@ -56,9 +56,8 @@ def check_image(path: str, verify: str = "header", max_pixels: int = MAX_IMAGE_P
     marker (catches truncated files without decoding); ``full``: decodes the whole image.
     """
     try:
-        with open(path, "rb") as f, warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below
-            img = Image.open(f)
+        with open(path, "rb") as f:
+            img = Image.open(f)  # header only; PIL's own bomb warning is muted by scan_split
             reason = _size_reason(img, max_pixels)
             if reason:
                 return reason
@@ -179,7 +178,9 @@ def scan_split(split_dir: Path, verify: str = "header", max_pixels: int = MAX_IM
     if verify == "none":
         reasons = [None] * len(files)
     else:  # header reads are I/O bound: threads overlap them (and the GIL is released in file reads)
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        # warning filters are process-global: set them here once, not inside the threads
+        with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_image names them
             reasons = list(pool.map(lambda pf: check_image(pf[0], verify, max_pixels), files, chunksize=64))
     samples = [pf for pf, r in zip(files, reasons) if r is None]
     skipped += [(pf[0], r) for pf, r in zip(files, reasons) if r is not None]
