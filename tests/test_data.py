@@ -147,7 +147,7 @@ def test_cifar10_folder_labels_names_and_pixels(cifar10):
     for i in range(20):
         x, y = b.train[i]
         px = (_unnormalise(b, x) * 255).round()
-        assert px[0].unique().tolist() == [y * 7] and px[1].unique().tolist() == [i] and px[2].unique().tolist() == [200]
+        assert [px[c].unique().tolist() for c in range(3)] == [[y * 7], [i], [200]]
     # dataset statistics: B is constant 200/255
     assert b.mean[2] == pytest.approx(200 / 255, abs=1e-6)
     big = create_datasets(str(parent / "cifar-10-batches-py"), 48, None)

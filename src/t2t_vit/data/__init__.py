@@ -86,7 +86,8 @@ def create_datasets(
         return _array_bundle("digits", tx, ty, vx, vy, [str(i) for i in range(10)], mean, std, **common)
     root = Path(data).expanduser()
     if not root.exists():
-        raise T2TViTError(f"data path {root} does not exist (expected 'digits', an ImageFolder root or a CIFAR folder).")
+        raise T2TViTError(f"data path {root} does not exist "
+                          "(expected 'digits', an ImageFolder root or a CIFAR folder).")
     if not root.is_dir():
         raise T2TViTError(f"data path {root} is not a folder.")
     cifar = find_cifar_root(root)
