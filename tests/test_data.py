@@ -321,13 +321,17 @@ def test_eval_transform_respects_img_size_and_crop_pct(tmp_path):
     assert default.crop_pct == 0.9 and default.mean == pytest.approx((0.485, 0.456, 0.406))
 
 
-def test_imagefolder_errors(tmp_path):
+def test_imagefolder_errors(tmp_path, monkeypatch):
+    import t2t_vit.data.folder as folder
+
     with pytest.raises(T2TViTError, match=str(tmp_path / "nope")):
         create_datasets(str(tmp_path / "nope"), 32, None)
     _good_folder(tmp_path / "a")
     (tmp_path / "a" / "val" / "dog").rename(tmp_path / "a" / "val" / "wolf")
-    with pytest.raises(T2TViTError, match="disagree.*only in train: dog; only in val: wolf"):
-        create_datasets(str(tmp_path / "a"), 32, None)
+    with monkeypatch.context() as m:  # the class lists are compared before any file is opened
+        m.setattr(folder, "check_image", lambda *a: pytest.fail("opened a file before comparing classes"))
+        with pytest.raises(T2TViTError, match="disagree.*only in train: dog; only in val: wolf"):
+            create_datasets(str(tmp_path / "a"), 32, None)
     _good_folder(tmp_path / "b")
     for p in (tmp_path / "b" / "val").rglob("*.png"):
         p.write_text("broken")

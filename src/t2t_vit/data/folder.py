@@ -125,7 +125,7 @@ class ImageFolderDataset(Dataset):
         """``index`` first, then the rest of its class in order, then everything else."""
         same = self._by_class[self.targets[index]]
         k = bisect.bisect_left(same, index)
-        yield from same[k:] + same[:k]
+        yield from (same[(k + m) % len(same)] for m in range(len(same)))  # lazy: usually one step
         n = len(self.samples)
         yield from (j % n for j in range(index + 1, index + n) if self.targets[j % n] != self.targets[index])
 
@@ -172,9 +172,9 @@ def _list_split(split_dir: Path) -> tuple[list[str], list[tuple[str, int]], list
     return classes, files, skipped
 
 
-def scan_split(split_dir: Path, verify: str = "header", max_pixels: int = MAX_IMAGE_PIXELS, workers: int = 16):
-    """Scan one split: ``(classes, samples, skipped)``; each skipped path is logged once here."""
-    classes, files, skipped = _list_split(split_dir)
+def _verify_split(split_dir: Path, listing, verify: str, max_pixels: int, workers: int = 16):
+    """Check the files of one listed split: ``(samples, skipped)``; each skipped path is logged once."""
+    classes, files, skipped = listing
     if verify == "none":
         reasons = [None] * len(files)
     else:  # header reads are I/O bound: threads overlap them (and the GIL is released in file reads)
@@ -183,23 +183,29 @@ def scan_split(split_dir: Path, verify: str = "header", max_pixels: int = MAX_IM
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_image names them
             reasons = list(pool.map(lambda pf: check_image(pf[0], verify, max_pixels), files, chunksize=64))
     samples = [pf for pf, r in zip(files, reasons) if r is None]
-    skipped += [(pf[0], r) for pf, r in zip(files, reasons) if r is not None]
+    skipped = skipped + [(pf[0], r) for pf, r in zip(files, reasons) if r is not None]
     for path, reason in skipped:
         log.warning("skipping %s: %s", path, reason)
-    used = {label for _, label in samples}
-    for label, name in enumerate(classes):
-        if label not in used and any(lbl == label for _, lbl in files):
-            log.warning("class %r in %s has no usable image", name, split_dir)
+    used, listed = {label for _, label in samples}, {label for _, label in files}
+    for label in sorted(listed - used):
+        log.warning("class %r in %s has no usable image", classes[label], split_dir)
     msg = "%s: %d images in %d classes, %d skipped"
     (log.warning if skipped else log.info)(msg, split_dir, len(samples), len(classes), len(skipped))
-    return classes, samples, skipped
+    return samples, skipped
+
+
+def scan_split(split_dir: Path, verify: str = "header", max_pixels: int = MAX_IMAGE_PIXELS):
+    """Scan one split folder: ``(classes, samples, skipped)``."""
+    listing = _list_split(split_dir)
+    return (listing[0], *_verify_split(split_dir, listing, verify, max_pixels))
 
 
 def _split_dir(root: Path, split: str) -> Path:
     for name in SPLIT_NAMES[split]:
         if (root / name).is_dir():
             return root / name
-    raise T2TViTError(f"{root} has no {split}/ folder (an ImageFolder root needs train/ and val/ of class folders).")
+    raise T2TViTError(f"{root} has no {split}/ folder "
+                      "(an ImageFolder root needs train/ and val/ of class folders).")
 
 
 def create_imagefolder(root: Path, train_tf: Callable | None, eval_tf: Callable | None, verify: str = "header",
@@ -208,14 +214,17 @@ def create_imagefolder(root: Path, train_tf: Callable | None, eval_tf: Callable 
     if verify not in VERIFY_MODES:
         raise T2TViTError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}.")
     train_dir, val_dir = _split_dir(root, "train"), _split_dir(root, "val")
-    train_classes, train_samples, train_skipped = scan_split(train_dir, verify, max_pixels)
-    val_classes, val_samples, val_skipped = scan_split(val_dir, verify, max_pixels)
-    if train_classes != val_classes:
+    train_listing, val_listing = _list_split(train_dir), _list_split(val_dir)
+    train_classes, val_classes = train_listing[0], val_listing[0]
+    if train_classes != val_classes:  # checked before any file is opened: fails fast on big sets
         only_t = sorted(set(train_classes) - set(val_classes))
         only_v = sorted(set(val_classes) - set(train_classes))
         raise T2TViTError(f"train/ and val/ class folders disagree in {root}: only in train: "
                           f"{', '.join(only_t) or '-'}; only in val: {', '.join(only_v) or '-'}.")
-    for split_dir, samples, skipped in ((train_dir, train_samples, train_skipped), (val_dir, val_samples, val_skipped)):
+    train_samples, train_skipped = _verify_split(train_dir, train_listing, verify, max_pixels)
+    val_samples, val_skipped = _verify_split(val_dir, val_listing, verify, max_pixels)
+    for split_dir, samples, skipped in ((train_dir, train_samples, train_skipped),
+                                        (val_dir, val_samples, val_skipped)):
         if not samples:
             raise T2TViTError(f"no usable images in {split_dir} ({len(skipped)} files or folders skipped, "
                               "see the warnings above).")
