@@ -31,6 +31,10 @@ from t2t_vit.t2t import TokenPerformer
 
 MODELS = ("t2t_vit_7", "t2t_vit_14", "t2t_vit_t_14", "t2t_vit_24")
 QUICK_MODELS = ("t2t_vit_14", "t2t_vit_t_14")
+# Inductor compiles C++ for minutes per graph on a small CPU: compile only these by default.
+COMPILE_MODELS = ("t2t_vit_7",)
+COMPILE_BATCH = 8
+AGREEMENT_MODEL = "t2t_vit_14"
 MODES = ("reference", "fp32", "bf16", "compile")
 
 
@@ -115,12 +119,12 @@ def time_alternating(steps: dict[str, Callable[[], None]], repeats: int, device:
 
 
 def matmul_rate(dtype: torch.dtype, device: torch.device, size: int = 1024, repeats: int = 5) -> float:
-    """Measured GFLOP/s of a square ``size``×``size`` matmul (median of ``repeats``)."""
+    """Measured GFLOP/s of a square ``size``×``size`` matmul: the best of ``repeats``, the machine's limit."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     calls = 4
     seconds = time_alternating({"mm": lambda: [a @ b for _ in range(calls)]}, repeats, device)["mm"]
-    return 2 * size**3 * calls / statistics.median(seconds) / 1e9
+    return 2 * size**3 * calls / min(seconds) / 1e9
 
 
 def forward_flops(name: str, img_size: int = 224) -> float:
@@ -225,19 +229,21 @@ def _top2_margin(logits: Tensor) -> Tensor:
     return top2[:, 0] - top2[:, 1]
 
 
-def digits_agreement(name: str, steps: int, img_size: int = 16, **model_kwargs) -> dict[str, float]:
+def digits_agreement(
+    name: str, steps: int, img_size: int = 16, batch: int = 32, lr: float = 5e-4, **model_kwargs
+) -> dict[str, float]:
     """Train ``name`` briefly on digits at ``img_size`` px (small stem), then bf16-vs-fp32 agreement held out."""
     torch.manual_seed(0)
     model = t2t_vit.create_model(name, img_size=img_size, stem="small", num_classes=10, **model_kwargs)
     train_x, train_y, test_x, test_y = digits_data(img_size)
-    train_briefly(model, train_x, train_y, steps)
+    train_briefly(model, train_x, train_y, steps, batch=batch, lr=lr)
     return dict(model=name, img_size=img_size, steps=steps, **bf16_agreement(model, test_x, test_y))
 
 
 # ---- the suite ------------------------------------------------------------------------------
 def bench_model(
     name: str, modes: Iterable[str], tasks: Iterable[tuple[str, int]], repeats: int, device: torch.device,
-    img_size: int = 224,
+    img_size: int = 224, compile_batches: Iterable[int] = (COMPILE_BATCH,),
 ) -> list[dict]:
     """Time every (task, batch) of ``name`` in every mode, alternating; rows with ratios to the reference."""
     torch.manual_seed(0)
@@ -249,6 +255,8 @@ def bench_model(
         labels = torch.randint(0, 1000, (batch,), device=device)
         steps = {}
         for mode in modes:
+            if mode == "compile" and batch not in compile_batches:
+                continue
             model = build_case(name, mode, copy.deepcopy(state), img_size=img_size).to(device)
             steps[mode] = make_step(model, mode, task, images, labels)
         times = time_alternating(steps, repeats, device)
@@ -264,6 +272,7 @@ def bench_model(
 def run_suite(
     models: Iterable[str], modes: Iterable[str], tasks: Iterable[tuple[str, int]], repeats: int,
     memory_batch: int | None, device: torch.device, log: Callable[[str], None] = print,
+    compile_models: Iterable[str] = COMPILE_MODELS, agreement_steps: int = 0,
 ) -> dict:
     """The whole benchmark: matmul rates, timing rows and (CPU) training-memory rows, as one dict."""
     modes = list(modes)
@@ -272,9 +281,8 @@ def run_suite(
     rows, memory = [], []
     for name in models:
         start = time.perf_counter()
-        new_rows = bench_model(name, modes, tasks, repeats, device)
-        for row in new_rows:
-            row["of_peak"] = row["gflops"] / rates["bfloat16" if row["mode"] == "bf16" else "float32"]
+        model_modes = [m for m in modes if m != "compile" or name in compile_models]
+        new_rows = bench_model(name, model_modes, tasks, repeats, device)
         rows += new_rows
         if memory_batch and device.type == "cpu":
             for mode in (m for m in modes if m != "compile"):  # compile time would dominate a fresh process
@@ -284,8 +292,14 @@ def run_suite(
                 if m["model"] == name:
                     m["ratio"] = m["step_mb"] / ref
         log(f"{name}: {time.perf_counter() - start:.0f} s")
-    rates["bfloat16_after"] = matmul_rate(torch.bfloat16, device)
-    return dict(meta=_meta(device), matmul_gflops=rates, rows=rows, memory=memory)
+    for dtype, key in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16")):  # best of start and end
+        rates[key] = max(rates[key], matmul_rate(dtype, device))
+    for row in rows:
+        row["of_peak"] = row["gflops"] / rates["bfloat16" if row["mode"] == "bf16" else "float32"]
+    agreement = digits_agreement(AGREEMENT_MODEL, agreement_steps) if agreement_steps else None
+    if agreement:
+        log(f"bf16 vs fp32 top-1 agreement: {agreement}")
+    return dict(meta=_meta(device), matmul_gflops=rates, rows=rows, memory=memory, agreement=agreement)
 
 
 def _meta(device: torch.device) -> dict:
@@ -306,6 +320,12 @@ def format_table(result: dict) -> str:
         lines += ["", "| model | train batch | mode | peak RSS MB | step MB | × reference |", "|---|---|---|---|---|---|"]
         for m in result["memory"]:
             lines.append(f"| {m['model']} | {m['batch']} | {m['mode']} | {m['peak_mb']:.0f} | {m['step_mb']:.0f} | {m['ratio']:.2f} |")
+    agreement = result.get("agreement")
+    if agreement:
+        lines += ["", f"bf16 vs fp32 top-1 agreement, {agreement['model']} trained {agreement['steps']} steps on digits at "
+                  f"{agreement['img_size']} px, {agreement['images']} held-out images: {100 * agreement['agreement']:.1f}% "
+                  f"(accuracy fp32 {100 * agreement['accuracy_fp32']:.1f}%, bf16 {100 * agreement['accuracy_bf16']:.1f}%; "
+                  f"max |Δlogit| {agreement['max_logit_diff']:.3f}, median top-2 margin {agreement['median_margin']:.2f})"]
     return "\n".join(lines)
 
 
@@ -315,6 +335,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", choices=MODELS, help="models to measure (default: all four)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="reference is always added")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 3, quick 2)")
+    parser.add_argument("--compile-models", nargs="*", default=list(COMPILE_MODELS), choices=MODELS,
+                        help=f"models also measured compiled, at batch {COMPILE_BATCH} (inductor; slow to compile)")
+    parser.add_argument("--agreement-steps", type=int, default=None,
+                        help=f"train {AGREEMENT_MODEL} this many steps on digits, then bf16-vs-fp32 top-1 agreement "
+                        "on the held-out 20%% (default 120, quick 0 = skip)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--json", default="benchmarks/results.json", help="where to write the results")
@@ -331,7 +356,9 @@ def run(args: argparse.Namespace) -> int:
         models, tasks, repeats = args.models or QUICK_MODELS, [("infer", 8), ("train", 8)], args.repeats or 2
     else:
         models, tasks, repeats = args.models or MODELS, [("infer", 1), ("infer", 8), ("infer", 32), ("train", 8)], args.repeats or 3
-    result = run_suite(models, modes, tasks, repeats, memory_batch=8, device=device, log=lambda s: print(s, flush=True))
+    result = run_suite(models, modes, tasks, repeats, memory_batch=8, device=device,
+                       log=lambda s: print(s, flush=True), compile_models=args.compile_models,
+                       agreement_steps=args.agreement_steps if args.agreement_steps is not None else (0 if args.quick else 120))
     print(format_table(result))
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
