@@ -195,6 +195,8 @@ def train_briefly(model: nn.Module, images: Tensor, labels: Tensor, steps: int, 
     """A few AdamW steps in fp32 with the default fast paths, so that logits mean something."""
     generator = torch.Generator().manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    # Linear warm-up over the first quarter: deep post-init transformers stall without it.
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, steps // 4)))
     model.train()
     for _ in range(steps):
         index = torch.randint(0, len(labels), (batch,), generator=generator)
@@ -202,6 +204,7 @@ def train_briefly(model: nn.Module, images: Tensor, labels: Tensor, steps: int, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        warmup.step()
     return model.eval()
 
 
@@ -230,7 +233,7 @@ def _top2_margin(logits: Tensor) -> Tensor:
 
 
 def digits_agreement(
-    name: str, steps: int, img_size: int = 16, batch: int = 32, lr: float = 5e-4, **model_kwargs
+    name: str, steps: int, img_size: int = 16, batch: int = 32, lr: float = 1e-3, **model_kwargs
 ) -> dict[str, float]:
     """Train ``name`` briefly on digits at ``img_size`` px (small stem), then bf16-vs-fp32 agreement held out."""
     torch.manual_seed(0)
@@ -276,6 +279,7 @@ def run_suite(
 ) -> dict:
     """The whole benchmark: matmul rates, timing rows and (CPU) training-memory rows, as one dict."""
     modes = list(modes)
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     rates = {str(dtype).split(".")[-1]: matmul_rate(dtype, device) for dtype in (torch.float32, torch.bfloat16)}
     log(f"matmul rate: fp32 {rates['float32']:.0f} GFLOP/s, bf16 {rates['bfloat16']:.0f} GFLOP/s")
     rows, memory = [], []
@@ -299,12 +303,12 @@ def run_suite(
     agreement = digits_agreement(AGREEMENT_MODEL, agreement_steps) if agreement_steps else None
     if agreement:
         log(f"bf16 vs fp32 top-1 agreement: {agreement}")
-    return dict(meta=_meta(device), matmul_gflops=rates, rows=rows, memory=memory, agreement=agreement)
+    return dict(meta=dict(started=started, **_meta(device)), matmul_gflops=rates, rows=rows, memory=memory, agreement=agreement)
 
 
 def _meta(device: torch.device) -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return dict(date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), command=" ".join(sys.argv),
+    return dict(finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), command=" ".join(sys.argv),
                 torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(), device=str(device),
                 processor=platform.processor() or platform.machine(), loadavg=load)
 
