@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 import t2t_vit
-from t2t_vit.bench import bf16_agreement, digits_data, reference_formulation, time_alternating, train_briefly
+from t2t_vit.bench import (
+    bf16_agreement, digits_data, forward_flops, reference_formulation, time_alternating, train_briefly, training_memory,
+)
 from t2t_vit.layers import Attention
 from t2t_vit.t2t import TokenPerformer
 
@@ -170,3 +172,17 @@ def test_time_alternating_interleaves_cases():
     times = time_alternating({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 3, torch.device("cpu"))
     assert order == ["a", "b"] * 4  # one warm-up round, then three alternating rounds
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+
+
+def test_forward_flops_count_every_matmul():
+    # The authors' code measures 1.147 GMACs for t2t_vit_7 at 224 px, attention matmuls included
+    # (the fused CPU kernel would count 0, so the count must run on the reference formulation).
+    assert forward_flops("t2t_vit_7") / 2 / 1e9 == pytest.approx(1.147, rel=0.01)
+
+
+@pytest.mark.e2e
+def test_training_memory_runs_in_a_fresh_process():
+    figures = training_memory("t2t_vit_7", "fp32", batch=2, img_size=32)
+    # Weights (4.3M fp32 = 17 MB) + gradients + momentum are at least ~50 MB above the baseline.
+    assert figures["peak_mb"] >= figures["baseline_mb"] + 40
+    assert figures["step_mb"] == pytest.approx(figures["peak_mb"] - figures["baseline_mb"])
