@@ -16,6 +16,7 @@ from t2t_vit.errors import T2TViTError
 COMMAND_MODULES = [
     "t2t_vit.profile",
     "t2t_vit.pretrained",  # convert
+    "t2t_vit.bench",
 ]
 
 

@@ -111,15 +111,30 @@ class TokenTransformer(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def _autocast_device(tensor: Tensor) -> str:
+    # "meta" (used for MAC counting) has no autocast state of its own; the CPU's stands in for it.
+    return "cuda" if tensor.is_cuda else "cpu"
+
+
+def autocast_off(tensor: Tensor) -> torch.autocast:
+    """A region computed in full precision even inside an autocast block."""
+    return torch.autocast(device_type=_autocast_device(tensor), enabled=False)
+
+
 class TokenPerformer(nn.Module):
     """T2T layer with Performer attention (linear in the token count), as the reference has it.
 
     φ(t) = exp(t·wᵀ − ‖t‖²/2)/√m with a fixed orthogonal w (m × out_dim, scaled by √m), drawn once
     and kept frozen in the state dict; y = φ(q)·(φ(k)ᵀ·v) / (φ(q)·Σφ(k) + ε); out = v + proj(y).
     Feature maps and the normaliser run in float32: under bf16/fp16 the exponentials overflow.
+
+    ``fused = True`` (default) computes this as plain matmuls; ``fused = False`` is the reference
+    formulation the benchmark compares against: einsums, with the normaliser repeated over the
+    width before the division, as the paper's code writes it. Both give the same function.
     """
 
     epsilon = 1e-8
+    fused: bool = True
 
     def __init__(self, dim: int, out_dim: int, kernel_ratio: float = 0.5, drop: float = 0.1) -> None:
         super().__init__()
@@ -143,12 +158,28 @@ class TokenPerformer(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Linear-time attention in float32, (B, N, out_dim)."""
-        # "meta" (used for MAC counting) has no autocast state; CPU's stands in for it.
-        with torch.autocast(device_type="cuda" if q.is_cuda else "cpu", enabled=False):
+        if not self.fused:
+            return self.attend_reference(q, k, v)
+        with autocast_off(q):
             qp, kp = self.feature_map(q), self.feature_map(k)
             kv = kp.transpose(1, 2) @ v.float()  # (B, m, out_dim): never an N×N matrix
             normaliser = qp @ kp.sum(dim=1).unsqueeze(-1)  # (B, N, 1)
             return (qp @ kv) / (normaliser + self.epsilon)
+
+    def attend_reference(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The same attention as einsums with a width-repeated normaliser (slower, for comparison)."""
+        with autocast_off(q):
+            qp, kp = self.feature_map_reference(q), self.feature_map_reference(k)
+            normaliser = torch.einsum("bnm,bm->bn", qp, kp.sum(dim=1)).unsqueeze(-1)
+            kv = torch.einsum("bnd,bnm->bdm", v.float(), kp)
+            y = torch.einsum("bnm,bdm->bnd", qp, kv)
+            return y / (normaliser.repeat(1, 1, self.out_dim) + self.epsilon)
+
+    def feature_map_reference(self, x: Tensor) -> Tensor:
+        x = x.float()
+        half_sq_norm = (x * x).sum(dim=-1, keepdim=True).repeat(1, 1, self.num_features) / 2
+        projected = torch.einsum("bnd,md->bnm", x, self.w.float())
+        return torch.exp(projected - half_sq_norm) / math.sqrt(self.num_features)
 
     def forward(self, x: Tensor) -> Tensor:
         k, q, v = self.kqv(self.norm1(x)).split(self.out_dim, dim=-1)
@@ -198,6 +229,11 @@ class T2TModule(nn.Module):
     def forward(self, image: Tensor, return_stages: bool = False):
         """(B, C, H, W) → (B, h·w, embed_dim); with ``return_stages`` also each T2T layer's image."""
         h, w = image.shape[-2:]
+        device = _autocast_device(image)
+        if torch.is_autocast_enabled(device):
+            # Split in the autocast dtype: the first split and its LayerNorm touch the most bytes
+            # (e.g. 3136 tokens × 147) and would otherwise run in fp32 and be cast for the Linear.
+            image = image.to(torch.get_autocast_dtype(device))
         tokens = self.soft_split0(image)
         stages = []
         for index in range(1, len(self.specs)):

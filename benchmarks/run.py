@@ -1,0 +1,23 @@
+"""Benchmark the fast paths against the reference formulation: prints a table, writes JSON.
+
+    python benchmarks/run.py --quick          # a fast look (two models, batch 8)
+    python benchmarks/run.py                  # the full suite (same as `t2t-vit bench`)
+
+See docs/benchmarks.md for what is measured and the numbers we got.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from t2t_vit.bench import add_arguments, run
+from t2t_vit.errors import T2TViTError
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    try:
+        sys.exit(run(parser.parse_args()))
+    except T2TViTError as err:
+        print(f"run.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
