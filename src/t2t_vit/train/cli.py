@@ -30,13 +30,14 @@ HELP = {
 
 
 def _parse_value(kind: type, text: str):
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
+    """Strings stay strings ("none" → None); other values are read as YAML (numbers, lists, mappings);
+    TrainConfig.validate() then checks and converts the types."""
     if kind is str:
         return None if text.lower() in ("none", "null") else text
-    return value
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise T2TViTError(f"cannot read the value {text!r}") from None
 
 
 def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:

@@ -26,11 +26,11 @@ class TrainConfig:
     # ---- data and model -----------------------------------------------------------------
     data: str = "digits"
     model: str = "t2t_vit_7"
-    model_kwargs: dict = field(default_factory=lambda: dict(embed_dim=128, depth=4, num_heads=4, token_dim=32))
+    model_kwargs: dict = field(default_factory=lambda: dict(embed_dim=128, depth=3, num_heads=4, token_dim=16))
     img_size: Any = 32  # int or [height, width]
     stem: str = "small"
     num_classes: int | None = None  # None: from the data set
-    drop_path: float = 0.1
+    drop_path: float = 0.0  # the paper (ImageNet recipes): 0.1
     mean: list | None = None  # None: the data set's / model's default
     std: list | None = None
     crop_pct: float | None = None
@@ -51,15 +51,15 @@ class TrainConfig:
     mixup_switch_prob: float = 0.5
     smoothing: float = 0.1
     # ---- optimisation ---------------------------------------------------------------------
-    epochs: int = 15
-    batch_size: int = 64  # per process
+    epochs: int = 10
+    batch_size: int = 32  # per process
     accum_steps: int = 1
     opt: str = "adamw"
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup_lr: float = 1e-6
     warmup_epochs: float = 1.0
-    cooldown_epochs: float = 1.0
+    cooldown_epochs: float = 0.0
     weight_decay: float = 0.05
     momentum: float = 0.9
     body_lr_scale: float = 1.0  # lr of everything but the classifier = lr × this (transfer: 0.01)
@@ -87,10 +87,12 @@ class TrainConfig:
     save_every_steps: int | None = None
     log_every: int = 50
     device: str = "auto"
-    threads: int | None = None  # torch CPU threads per process (None: torch's default)
+    threads: int | None = None  # torch CPU threads per process (None: cores left after the loader workers)
 
     def validate(self) -> "TrainConfig":
         """Check every value before any work starts; raise one clear T2TViTError on the first problem."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f, getattr(self, f.name)))
         positive = dict(lr=self.lr, batch_size=self.batch_size, epochs=self.epochs, accum_steps=self.accum_steps)
         for name, value in positive.items():
             if value is None or value <= 0:
@@ -157,6 +159,24 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """Numbers written as YAML 1.1 leaves them ("2e-3" is a string there) or typed on the command line."""
+    kind = str(f.type)
+    if value is None or not isinstance(value, str) or "str" in kind:
+        if "bool" in kind and not isinstance(value, bool) and value is not None:
+            raise T2TViTError(f"{_flag(f.name)} must be true or false, got {value!r}")
+        return value
+    for number in (int, float):
+        if number.__name__ in kind:
+            try:
+                return number(value) if number is float or value.strip().lstrip("-").isdigit() else number(value)
+            except ValueError:
+                continue
+    if "int" in kind or "float" in kind:
+        raise T2TViTError(f"{_flag(f.name)} must be a number, got {value!r}")
+    return value
 
 
 def _flag(name: str) -> str:
