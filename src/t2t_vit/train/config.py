@@ -105,6 +105,9 @@ class TrainConfig:
                      "smoothing", "mixup", "cutmix", "re_prob", "workers", "body_lr_scale", "distill_tau"):
             if getattr(self, name) < 0:
                 raise T2TViTError(f"{_flag(name)} must not be negative, got {getattr(self, name)}")
+        sizes = [self.img_size] if isinstance(self.img_size, int) else list(self.img_size or [])
+        if len(sizes) not in (1, 2) or not all(isinstance(v, int) and v > 0 for v in sizes):
+            raise T2TViTError(f"--img-size must be a positive int or H,W, got {self.img_size!r}")
         if not 0 <= self.drop_path < 1:
             raise T2TViTError(f"--drop-path must be in [0, 1), got {self.drop_path}")
         if not 0 <= self.distill_alpha <= 1:
