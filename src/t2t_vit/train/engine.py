@@ -107,7 +107,7 @@ class Run:
         elif world.device.type == "cpu" and not world.distributed:
             # Intra-op threads competing with loader workers for the same cores spin and stall
             # (measured: 20× slower with 2 threads + 1 worker on a busy 2-core machine).
-            torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - cfg.workers)))
+            torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - max(1, cfg.workers))))
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
