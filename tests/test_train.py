@@ -240,3 +240,22 @@ def test_disk_full_leaves_previous_file(tmp_path, monkeypatch):
     with pytest.raises(T2TViTError, match="No space left on device.*previous checkpoint is intact"):
         state.atomic_write(str(path), b"new")
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_accumulation_matches_big_batch(tmp_path):
+    """2 micro-batches of 16 with --accum-steps 2 = 1 batch of 32 (SGD, no randomness)."""
+    kwargs = dict(TINY["model_kwargs"], tokenizer="transformer")  # the Performer layer has fixed dropout
+    common = dict(TINY, model_kwargs=kwargs, augment=False, drop_path=0.0, epochs=1, max_steps=3, opt="sgd",
+                  lr=0.05, warmup_epochs=0, ema=False)
+    train(TrainConfig(**common, batch_size=32, output=str(tmp_path / "big")))
+    train(TrainConfig(**common, batch_size=16, accum_steps=2, output=str(tmp_path / "accum")))
+    a, b = (load_file(str(tmp_path / run / "checkpoint-last.safetensors")) for run in ("big", "accum"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert max((a[k] - load_file(str(tmp_path / "big" / "checkpoint-best.safetensors"))[k]).abs().max().item()
+               for k in a) == 0.0
+
+
+def test_precision_clip_and_grad_checkpointing_run(tmp_path):
+    metrics = train(tiny(tmp_path, epochs=1, max_steps=2, batch_size=8, precision="bf16", clip_grad=1.0,
+                         grad_checkpointing=True))
+    assert metrics["steps"] == 2 and math.isfinite(metrics["val_loss"])
