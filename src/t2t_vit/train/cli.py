@@ -95,7 +95,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from t2t_vit.data import create_datasets
-    from t2t_vit.train.evaluate import evaluate, load_weights, read_state_dict
+    from t2t_vit.train.evaluate import evaluate, load_weights
     from t2t_vit.train.recipe import build_model
     from t2t_vit.train.state import read_metadata
 
@@ -115,10 +115,7 @@ def run_eval(args: argparse.Namespace) -> int:
     cfg = TrainConfig(model=name, model_kwargs=json.loads(meta.get("model_kwargs", "{}")) if meta else {},
                       img_size=img_size, stem=stem, drop_path=0.0)
     model = build_model(cfg, int(meta.get("num_classes", bundle.num_classes)))
-    if args.weights == "preferred":
-        load_weights(model, args.checkpoint)
-    else:
-        model.load_state_dict(read_state_dict(args.checkpoint, prefer=args.weights)[0])
+    load_weights(model, args.checkpoint, use_ema=None if args.weights == "preferred" else args.weights == "ema")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = DataLoader(bundle.val, batch_size=args.batch_size, num_workers=args.workers)
     start = time.perf_counter()

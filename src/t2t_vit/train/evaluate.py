@@ -91,10 +91,24 @@ def read_state_dict(path: str, prefer: str | None = None) -> tuple[dict[str, tor
     return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}, {}
 
 
-def load_weights(model: nn.Module, path: str, drop_head: bool = False) -> dict[str, Any]:
+def load_weights(model: nn.Module, path: str, drop_head: bool = False, use_ema: bool | None = None) -> dict[str, Any]:
     """Load ``path`` into ``model``; with ``drop_head`` a classifier of another shape is skipped
-    (fine-tuning to a new class count). Any other mismatch is a one-line error."""
-    state, meta = read_state_dict(path)
+    (fine-tuning to a new class count). Any other mismatch is a one-line error.
+
+    Uses :func:`t2t_vit.checkpoint.load_checkpoint` (which also adapts the authors' layouts and
+    resamples position tables) when the library has it, else a minimal reader of the same formats.
+    """
+    from t2t_vit import checkpoint
+
+    loader = getattr(checkpoint, "load_checkpoint", None)
+    if loader is not None:
+        report = loader(model, path, use_ema=use_ema)
+        replaced = getattr(report, "replaced_head", None)
+        if replaced and not drop_head:
+            raise T2TViTError(f"{path} has a {replaced[0]}-class head but the model has {replaced[1]} classes")
+        return dict(meta={}, skipped=["head"] if replaced else [])
+    prefer = None if use_ema is None else ("ema" if use_ema else "model")
+    state, meta = read_state_dict(path, prefer)
     own = model.state_dict()
     head_keys = set()
     if drop_head and hasattr(model, "get_classifier"):
