@@ -92,6 +92,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     m1, m2 = (json.loads((run / "metrics.json").read_text()) for run in (single, ddp))
     assert m2["world_size"] == 2 and m1["steps"] == m2["steps"] == 6
     assert m1["val_top1"] == pytest.approx(m2["val_top1"])  # the val set is sharded, then reduced
+    train_loss = [float((run / "history.csv").read_text().splitlines()[1].split(",")[3]) for run in (single, ddp)]
+    assert train_loss[0] == pytest.approx(train_loss[1], rel=1e-5)  # reduced over ranks too
     assert sorted(os.listdir(ddp)) == sorted(os.listdir(single))  # only rank 0 wrote
 
 

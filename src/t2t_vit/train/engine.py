@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 from t2t_vit.errors import T2TViTError
 from t2t_vit.train import recipe, report, state as ckpt
 from t2t_vit.train.config import TrainConfig
-from t2t_vit.train.distributed import ShardedSampler, World, barrier, broadcast_flag, close_world, init_world
+from t2t_vit.train.distributed import (ShardedSampler, World, all_reduce_sum, barrier, broadcast_flag, close_world,
+                                      init_world)
 from t2t_vit.train.evaluate import autocast, evaluate, load_weights
 
 
@@ -344,7 +345,7 @@ class Run:
         raw = evaluate(self.net, self.val_loader, world.device, cfg.precision, world)
         ema = evaluate(self.ema.module, self.val_loader, world.device, cfg.precision, world) if self.ema else None
         done_fraction = self.position / max(1, self.steps_per_epoch * cfg.accum_steps)
-        loss_sum, count = self.epoch_sums
+        loss_sum, count = all_reduce_sum(list(self.epoch_sums), world)  # train loss over all ranks
         row = dict(epoch=round(self.epoch + min(1.0, done_fraction), 4), step=self.step, lr=recipe.lr_now(self.optimizer),
                    train_loss=loss_sum / max(1, count), val_loss=raw["loss"], val_top1=raw["top1"], val_top5=raw["top5"],
                    ema_val_loss=ema and ema["loss"], ema_val_top1=ema and ema["top1"], ema_val_top5=ema and ema["top5"],
