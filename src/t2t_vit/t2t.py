@@ -63,10 +63,12 @@ def token_grid(img_size: tuple[int, int], specs: Sequence[SoftSplitSpec]) -> tup
         tokens = side_after_splits(int(side), specs)
         if tokens is None:
             schedule = ", ".join(f"{k}/{s}" for k, s, _ in specs)
+            working = sizes_that_work(int(side), specs)
+            problem = "is too small" if int(side) < working[0] else "would lose pixels"
             raise T2TViTError(
                 f"image size {img_size[0]}x{img_size[1]} cannot be tiled by the soft splits "
-                f"(kernel/stride {schedule}): a side of {side} px would lose pixels; "
-                f"sides that work near it: {', '.join(map(str, sizes_that_work(int(side), specs)))}"
+                f"(kernel/stride {schedule}): a side of {side} px {problem}; "
+                f"sides that work near it: {', '.join(map(str, working))}"
             )
         grid.append(tokens)
     return grid[0], grid[1]
