@@ -21,23 +21,21 @@ import math
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from t2t_vit.errors import T2TViTError
 from t2t_vit.model import resample_position_table
+from t2t_vit.storage import EMA_PREFIX, save_weights  # noqa: F401 (save_weights is re-exported)
 
 _log = logging.getLogger(__name__)
 
 FORMAT = "t2t-vit"
-EMA_PREFIX = "ema."
 WEIGHTS_NAME = "model.safetensors"  # inside a save_pretrained directory
 _JSON_FIELDS = ("model_kwargs", "num_classes", "img_size", "class_names", "step", "epoch")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / ModelEma wrappers, torch.compile
@@ -102,7 +100,7 @@ def _strip_wrappers(state_dict: Mapping[str, Any]) -> dict[str, Tensor]:
     return out
 
 
-def _split_ema(tensors: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def split_ema(tensors: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     model = {k: v for k, v in tensors.items() if not k.startswith(EMA_PREFIX)}
     ema = {k[len(EMA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMA_PREFIX)}
     return model, ema
@@ -133,7 +131,7 @@ def select_state_dict(obj: Any, use_ema: bool | None = None, path: str | os.Path
         chosen, which = _choose(model, ema, use_ema, preferred, path)
         source = ema_key if which == "ema" else plain_key
     else:  # a bare state dict, possibly ours with `ema.` keys
-        chosen, which = _choose(*_split_ema(_strip_wrappers(obj)), use_ema, preferred, path)
+        chosen, which = _choose(*split_ema(_strip_wrappers(obj)), use_ema, preferred, path)
         source = which
     if not chosen:
         keys = ", ".join(map(str, list(obj)[:8]))
@@ -420,53 +418,3 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     if not report.ok:
         raise T2TViTError(mismatch_message(report, adapted, model))
     return adapted
-
-
-# ---- writing -------------------------------------------------------------------------------
-def _tensors(obj: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
-    state = obj.state_dict() if isinstance(obj, nn.Module) else obj
-    out, seen = {}, set()
-    for key, value in state.items():
-        value = value.detach().to("cpu").contiguous()
-        ptr = value.untyped_storage().data_ptr()
-        # safetensors refuses tensors that share memory (tied or sliced weights): give each its own copy
-        out[key] = value.clone() if ptr in seen else value
-        seen.add(ptr)
-    return out
-
-
-def encode_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
-    """safetensors metadata is str → str: JSON-encode every non-string value."""
-    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-
-
-def save_weights(model_or_state_dict: nn.Module | Mapping[str, Tensor], path: str | os.PathLike,
-                 metadata: Mapping[str, Any] | None = None,
-                 ema: nn.Module | Mapping[str, Tensor] | None = None) -> Path:
-    """Write weights (frozen ``pos_embed`` and Performer ``w`` included) as safetensors, atomically.
-
-    ``ema`` adds an EMA copy under ``ema.``-prefixed keys. The file appears under its final name
-    only once complete (written to a temporary file in the same folder, then renamed), so a crash
-    never leaves a half-written checkpoint behind.
-    """
-    path = Path(path)
-    tensors = _tensors(model_or_state_dict)
-    if ema is not None:
-        tensors.update({EMA_PREFIX + k: v for k, v in _tensors(ema).items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=encode_metadata(metadata))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # on disk before it takes the final name
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the weights from the group
-        os.replace(tmp, path)
-    except OSError as err:
-        raise T2TViTError(f"cannot write {path}: {err.strerror or err}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path

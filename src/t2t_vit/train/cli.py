@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
-import typing
 
 import yaml
 
@@ -94,32 +92,27 @@ def run_eval(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import DataLoader
 
+    from t2t_vit.checkpoint import read_metadata
     from t2t_vit.data import create_datasets
-    from t2t_vit.train.evaluate import evaluate, load_weights
-    from t2t_vit.train.recipe import build_model
-    from t2t_vit.train.state import read_metadata
+    from t2t_vit.train.evaluate import evaluate, model_from_checkpoint
 
     if args.batch_size <= 0:
         raise T2TViTError(f"--batch-size must be positive, got {args.batch_size}")
-    if not os.path.isfile(args.checkpoint):
-        raise T2TViTError(f"checkpoint {args.checkpoint!r} does not exist")
     if args.data != "digits" and not os.path.exists(args.data):
         raise T2TViTError(f"data path {args.data!r} does not exist")
-    meta = read_metadata(args.checkpoint) if args.checkpoint.endswith(".safetensors") else {}
-    name = args.model or meta.get("model")
-    if not name:
-        raise T2TViTError("--model is needed: the checkpoint does not name its model")
-    img_size = args.img_size or (json.loads(meta["img_size"]) if "img_size" in meta else 224)
+    meta = read_metadata(args.checkpoint)
+    img_size = args.img_size or meta.get("img_size") or 224
     stem = args.stem or meta.get("stem") or ("small" if img_size in (32, [32, 32]) else "imagenet")
     bundle = create_datasets(args.data, img_size, None, crop_pct=args.crop_pct)
-    cfg = TrainConfig(model=name, model_kwargs=json.loads(meta.get("model_kwargs", "{}")) if meta else {},
-                      img_size=img_size, stem=stem, drop_path=0.0)
-    model = build_model(cfg, int(meta.get("num_classes", bundle.num_classes)))
-    load_weights(model, args.checkpoint, use_ema=None if args.weights == "preferred" else args.weights == "ema")
+    model = model_from_checkpoint(
+        args.checkpoint, args.model, use_ema=None if args.weights == "preferred" else args.weights == "ema",
+        img_size=img_size, stem=stem, num_classes=None if "num_classes" in meta else bundle.num_classes,
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = DataLoader(bundle.val, batch_size=args.batch_size, num_workers=args.workers)
     start = time.perf_counter()
     m = evaluate(model.to(device), loader, device, args.precision)
+    name = args.model or meta.get("model")
     print(f"{name} on {args.data} ({m['images']} images): loss {m['loss']:.4f}  top-1 {m['top1']:.2f}%  "
           f"top-5 {m['top5']:.2f}%  {m['images_per_s']:.0f} img/s ({time.perf_counter() - start:.1f} s)")
     return 0

@@ -13,54 +13,18 @@ kill at any instant leaves weights whose step matches one of the two state files
 from __future__ import annotations
 
 import io
-import json
 import os
 import random
-import tempfile
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from torch import nn
 
+from t2t_vit.checkpoint import FORMAT, read_metadata, split_ema
 from t2t_vit.errors import T2TViTError
-
-FORMAT = "t2t-vit"
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise T2TViTError(f"could not write {path}: {err.strerror or err}; the previous checkpoint is intact") from None
-        raise
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
+from t2t_vit.storage import atomic_write, save_weights
 
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch RNG states in types ``torch.load(weights_only=True)`` accepts."""
@@ -86,20 +50,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def weights_dict(model: nn.Module, ema: nn.Module | None) -> dict[str, torch.Tensor]:
-    # Cloned to contiguous CPU tensors: safetensors refuses shared or strided storage.
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    if ema is not None:
-        tensors.update({f"ema.{k}": v.detach().to("cpu").contiguous().clone() for k, v in ema.state_dict().items()})
-    return tensors
-
-
-def save_weights(path: str, model: nn.Module, ema: nn.Module | None, meta: dict[str, Any]) -> None:
-    metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    metadata["format"] = FORMAT
-    atomic_write(path, save(weights_dict(model, ema), metadata=metadata))
-
-
 def save_checkpoint(stem: str, model: nn.Module, ema: nn.Module | None, meta: dict[str, Any],
                     state: dict[str, Any] | None) -> None:
     """Write ``stem.state.pt`` (if ``state``) then ``stem.safetensors``; both carry ``meta['step']``."""
@@ -110,21 +60,7 @@ def save_checkpoint(stem: str, model: nn.Module, ema: nn.Module | None, meta: di
         if os.path.exists(final):
             os.replace(final, f"{stem}.state.prev.pt")
         atomic_write(final, buffer.getvalue())
-    save_weights(f"{stem}.safetensors", model, ema, meta)
-
-
-def read_metadata(path: str) -> dict[str, str]:
-    try:
-        with safe_open(path, framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as err:  # safetensors raises its own error types for corrupt headers
-        raise T2TViTError(f"{path} is not a readable safetensors file ({err})") from None
-
-
-def split_weights(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    model = {k: v for k, v in tensors.items() if not k.startswith("ema.")}
-    ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
-    return model, ema
+    save_weights(model, f"{stem}.safetensors", {**meta, "format": FORMAT}, ema=ema)
 
 
 def checkpoint_stem(path: str) -> str:
@@ -151,6 +87,6 @@ def load_resume(stem: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Ten
         except Exception as err:
             raise T2TViTError(f"{state_path} cannot be read safely ({str(err).splitlines()[0]})") from None
         if int(state.get("step", -2)) == step:
-            model, ema = split_weights(load_file(weights_path))
+            model, ema = split_ema(load_file(weights_path))
             return model, ema, state
     raise T2TViTError(f"{weights_path} (step {step}) has no training-state file with the same step; cannot resume exactly")
