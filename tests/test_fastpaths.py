@@ -12,7 +12,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import t2t_vit
 from t2t_vit.bench import (
