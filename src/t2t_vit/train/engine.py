@@ -117,6 +117,10 @@ class Run:
 
         bundle = create_datasets(cfg.data, cfg.img_size, recipe.augment_options(cfg), crop_pct=cfg.crop_pct,
                                  interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std)
+        self.skipped_files = len(bundle.skipped)
+        if bundle.skipped:
+            self.log.line(f"data: skipped {len(bundle.skipped)} unusable file(s) (each named above); "
+                          f"using {len(bundle.train)} train / {len(bundle.val)} val images")
         self.class_names = list(bundle.class_names)
         self.num_classes = cfg.num_classes or bundle.num_classes
         self.sampler = ShardedSampler(len(bundle.train), world, cfg.batch_size, cfg.seed)
@@ -381,7 +385,7 @@ class Run:
             val_top1_raw=last.get("val_top1"), val_top5_raw=last.get("val_top5"),
             val_top1_ema=last.get("ema_val_top1"), val_top5_ema=last.get("ema_val_top5"),
             best_val_top1=self.best["top1"], best_epoch=self.best["epoch"],
-            epochs=last.get("epoch", 0), steps=self.step, skipped_steps=self.skipped,
+            epochs=last.get("epoch", 0), steps=self.step, skipped_steps=self.skipped, skipped_files=self.skipped_files,
             train_seconds=round(self.train_seconds, 3),
             train_images_per_s=self.train_images / max(self.train_seconds, 1e-9),
             world_size=self.world.size, model=self.cfg.model, data=self.cfg.data, output=self.out,
