@@ -261,3 +261,12 @@ def test_precision_clip_and_grad_checkpointing_run(tmp_path):
     metrics = train(tiny(tmp_path, epochs=1, max_steps=2, batch_size=8, precision="bf16", clip_grad=1.0,
                          grad_checkpointing=True))
     assert metrics["steps"] == 2 and math.isfinite(metrics["val_loss"])
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(**dict(TINY, output=str(out), max_steps=1)))
+    before = (out / "checkpoint-last.safetensors").read_bytes()
+    with pytest.raises(T2TViTError, match="already holds a run"):
+        train(TrainConfig(**dict(TINY, output=str(out), max_steps=1)))
+    assert (out / "checkpoint-last.safetensors").read_bytes() == before
