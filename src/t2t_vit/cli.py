@@ -16,6 +16,9 @@ from t2t_vit.errors import T2TViTError
 COMMAND_MODULES = [
     "t2t_vit.profile",
     "t2t_vit.train.cli",
+    "t2t_vit.predict",
+    "t2t_vit.visualize",
+    "t2t_vit.export",
     "t2t_vit.pretrained",  # convert
     "t2t_vit.bench",
 ]

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 from torch import nn
 
 from t2t_vit.checkpoint import (
-    FORMAT, WEIGHTS_NAME, describe_state_dict, likely_variants, load_checkpoint, read_checkpoint, save_weights,
+    FORMAT, WEIGHTS_NAME, describe_state_dict, likely_variants, load_checkpoint, read_checkpoint, read_metadata,
+    save_weights,
 )
 from t2t_vit.errors import T2TViTError
 
@@ -53,6 +54,42 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, class_names:
     )
     save_weights(model, directory / WEIGHTS_NAME, metadata=metadata)
     return directory
+
+
+def model_from_checkpoint(path: str | os.PathLike | None, name: str | None = None,
+                          use_ema: bool | None = None, **overrides: Any) -> nn.Module:
+    """Rebuild the model a checkpoint describes and load its weights (eval, predict, teachers).
+
+    Our checkpoints name their model and its arguments in their metadata; for other files (the
+    authors') pass ``name``. ``overrides`` (e.g. ``img_size=384``, ``num_classes=10``) win over
+    the metadata; None values are ignored. Without ``path`` the model is freshly initialised. A
+    model name that is not a T2T-ViT is built with ``timm.create_model`` (e.g. a ResNet teacher).
+    """
+    import timm
+
+    import t2t_vit
+
+    meta = read_metadata(path) if path else {}
+    name = name or meta.get("model")
+    if not name:
+        raise T2TViTError(f"{path} does not say which model it holds; pass --model" if path else "give a model name")
+    if meta.get("model") and meta["model"] != name:
+        raise T2TViTError(f"{path} holds a {meta['model']!r} model, not {name!r}; drop --model or correct it")
+    kwargs = dict(meta.get("model_kwargs") or {})
+    kwargs.update({key: meta[key] for key in ("img_size", "stem", "num_classes") if meta.get(key) is not None})
+    kwargs.update({key: value for key, value in overrides.items() if value is not None})
+    num_classes = int(kwargs.pop("num_classes", 1000))
+    if name in t2t_vit.list_models():
+        model = t2t_vit.create_model(name, num_classes=num_classes, **kwargs)
+    else:
+        kwargs.pop("img_size", None), kwargs.pop("stem", None)
+        model = timm.create_model(name, num_classes=num_classes, **kwargs)
+    if path:
+        report = load_checkpoint(model, path, use_ema=use_ema)
+        if report.replaced_head:
+            raise T2TViTError(f"{path} has a {report.replaced_head[0]}-class head but the model was built "
+                              f"with {report.replaced_head[1]} classes")
+    return model
 
 
 def from_pretrained(directory: str | os.PathLike, **overrides: Any) -> nn.Module:

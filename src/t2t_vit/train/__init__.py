@@ -5,6 +5,7 @@
 """
 from t2t_vit.train.config import TrainConfig, list_recipes, load_config
 from t2t_vit.train.engine import train
-from t2t_vit.train.evaluate import evaluate, load_weights, model_from_checkpoint
+from t2t_vit.pretrained import model_from_checkpoint
+from t2t_vit.train.evaluate import evaluate, load_weights
 
 __all__ = ["TrainConfig", "evaluate", "list_recipes", "load_config", "load_weights", "model_from_checkpoint", "train"]

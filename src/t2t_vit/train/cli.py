@@ -94,7 +94,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from t2t_vit.checkpoint import read_metadata
     from t2t_vit.data import create_datasets
-    from t2t_vit.train.evaluate import evaluate, model_from_checkpoint
+    from t2t_vit.pretrained import model_from_checkpoint
+    from t2t_vit.train.evaluate import evaluate
 
     if args.batch_size <= 0:
         raise T2TViTError(f"--batch-size must be positive, got {args.batch_size}")

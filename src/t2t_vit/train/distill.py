@@ -34,7 +34,8 @@ class DistillationLoss(nn.Module):
 def build_teacher(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.Module:
     """The teacher from one of our checkpoints (architecture read from its metadata), or a model
     name with optional ``teacher_checkpoint``; frozen and in eval mode."""
-    from t2t_vit.train.evaluate import model_from_checkpoint, load_weights
+    from t2t_vit.pretrained import model_from_checkpoint
+    from t2t_vit.train.evaluate import load_weights
     from t2t_vit.train.recipe import build_model
 
     if os.path.isfile(cfg.teacher):

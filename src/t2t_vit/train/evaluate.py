@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from t2t_vit.checkpoint import load_checkpoint, read_metadata
+from t2t_vit.checkpoint import load_checkpoint
 from t2t_vit.errors import T2TViTError
 from t2t_vit.train.distributed import World, all_reduce_sum
 
@@ -70,33 +70,3 @@ def load_weights(model: nn.Module, path: str, drop_head: bool = False, use_ema: 
             f"{path} has a {report.replaced_head[0]}-class head but the model has {report.replaced_head[1]} classes"
         )
     return dict(skipped=["head"] if report.replaced_head else [])
-
-
-def model_from_checkpoint(path: str, model: str | None = None, use_ema: bool | None = None,
-                          **overrides: Any) -> nn.Module:
-    """Rebuild the model a checkpoint describes (ours name it in their metadata) and load its weights.
-
-    For files that do not name their model (the authors'), pass ``model``.
-    """
-    import timm
-
-    import t2t_vit
-
-    meta = read_metadata(path)
-    name = model or meta.get("model")
-    if not name:
-        raise T2TViTError(f"{path} does not say which model it holds; pass --model")
-    kwargs = dict(meta.get("model_kwargs") or {})
-    if "img_size" in meta:
-        kwargs["img_size"] = meta["img_size"]
-    if meta.get("stem"):
-        kwargs["stem"] = meta["stem"]
-    kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    num_classes = int(kwargs.pop("num_classes", meta.get("num_classes", 1000)))
-    if name in t2t_vit.list_models():
-        net = t2t_vit.create_model(name, num_classes=num_classes, **kwargs)
-    else:
-        kwargs.pop("img_size", None), kwargs.pop("stem", None)
-        net = timm.create_model(name, num_classes=num_classes, **kwargs)
-    load_weights(net, path, use_ema=use_ema)
-    return net
