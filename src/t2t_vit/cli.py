@@ -15,6 +15,7 @@ from t2t_vit.errors import T2TViTError
 # Modules that contribute subcommands, in the order `--help` lists them.
 COMMAND_MODULES = [
     "t2t_vit.profile",
+    "t2t_vit.train.cli",
     "t2t_vit.experiment",
 ]
 

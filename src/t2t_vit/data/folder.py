@@ -1,0 +1,233 @@
+"""ImageFolder trees (``train/`` and ``val/`` of class folders) that survive bad files.
+
+Policy: a cheap check at scan time (PIL reads the header; the JPEG/PNG end marker is looked up
+with one seek) keeps start-up fast on large sets; images are decoded only when loaded, and a file
+that still fails then is replaced by another image of the same class, so an epoch never crashes.
+Every skipped file is named once in a warning and recorded in ``skipped``.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from t2t_vit.errors import T2TViTError
+
+log = logging.getLogger("t2t_vit.data")
+
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's default decompression-bomb limit (~ 9459 x 9459)
+SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation")}
+VERIFY_MODES = ("header", "full", "none")
+_TAIL_BYTES = 4096  # where a JPEG's end-of-image marker must appear (allows trailing padding)
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image (unrecognised file format)"
+    if isinstance(e, Image.DecompressionBombError):
+        return "image too large (decompression bomb)"
+    if isinstance(e, OSError) and e.strerror:
+        return f"unreadable ({e.strerror})"
+    return f"unreadable ({type(e).__name__}: {e})"
+
+
+def _size_reason(img: Image.Image, max_pixels: int) -> str | None:
+    w, h = img.size
+    if w * h > max_pixels:
+        return f"image too large ({w}x{h} = {w * h} pixels > limit {max_pixels})"
+    if w == 0 or h == 0:
+        return f"empty image ({w}x{h})"
+    return None
+
+
+def check_image(path: str, verify: str = "header", max_pixels: int = MAX_IMAGE_PIXELS) -> str | None:
+    """Return why ``path`` cannot be used, or ``None`` if it looks like a usable image.
+
+    ``header``: PIL parses the header (format, size) and JPEG/PNG files must end with their end
+    marker (catches truncated files without decoding); ``full``: decodes the whole image.
+    """
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)  # header only; PIL's own bomb warning is muted by scan_split
+            reason = _size_reason(img, max_pixels)
+            if reason:
+                return reason
+            if verify == "full":
+                img.load()
+                return None
+            if img.format == "JPEG":
+                f.seek(-min(_TAIL_BYTES, f.seek(0, os.SEEK_END)), os.SEEK_END)
+                if b"\xff\xd9" not in f.read():
+                    return "truncated JPEG (no end-of-image marker)"
+            elif img.format == "PNG":
+                f.seek(-min(64, f.seek(0, os.SEEK_END)), os.SEEK_END)
+                if b"IEND" not in f.read():
+                    return "truncated PNG (no IEND chunk)"
+    except Exception as e:  # noqa: BLE001 - any failure makes the file unusable, never a crash
+        return _reason(e)
+    return None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: 16-bit greys scaled (not clipped), palettes with transparency via RGBA."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64) / 257.0  # 0..65535 -> 0..255
+        img = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        arr = arr * 255.0 if arr.size and arr.max() <= 1.0 else arr
+        img = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), "L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode ``path`` fully as an EXIF-upright RGB image; raises ``OSError``/``ValueError`` if bad."""
+    with open(path, "rb") as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(f)
+        reason = _size_reason(img, max_pixels)
+        if reason:
+            raise ValueError(reason)
+        img.load()  # full decode inside the guarded block: truncated data raises here
+    return to_rgb(ImageOps.exif_transpose(img))
+
+
+class ImageFolderDataset(Dataset):
+    """``(path, label)`` samples decoded on access; a file that fails is replaced, never fatal."""
+
+    def __init__(self, samples: list[tuple[str, int]], classes: list[str], transform: Callable | None,
+                 max_pixels: int = MAX_IMAGE_PIXELS):
+        self.samples = samples
+        self.classes = classes
+        self.targets = [label for _, label in samples]
+        self.transform = transform
+        self.max_pixels = max_pixels
+        self.bad: dict[str, str] = {}  # files that failed at load time in this process
+        self._by_class: dict[int, list[int]] = {}
+        for i, label in enumerate(self.targets):
+            self._by_class.setdefault(label, []).append(i)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _candidates(self, index: int):
+        """``index`` first, then the rest of its class in order, then everything else."""
+        same = self._by_class[self.targets[index]]
+        k = bisect.bisect_left(same, index)
+        yield from (same[(k + m) % len(same)] for m in range(len(same)))  # lazy: usually one step
+        n = len(self.samples)
+        yield from (j % n for j in range(index + 1, index + n) if self.targets[j % n] != self.targets[index])
+
+    def __getitem__(self, index: int):
+        for j in self._candidates(index):
+            path, label = self.samples[j]
+            if path in self.bad:
+                continue
+            try:
+                img = load_image(path, self.max_pixels)
+            except Exception as e:  # noqa: BLE001 - skip the file, keep the epoch going
+                self.bad[path] = str(e) if isinstance(e, ValueError) else _reason(e)
+                log.warning("skipping %s: %s (failed at load; using another image instead)", path, self.bad[path])
+                continue
+            return (self.transform(img) if self.transform is not None else img), label
+        raise T2TViTError(f"no image of the data set could be loaded (last tried {path}).")
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _list_split(split_dir: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, str]]]:
+    """Class names, candidate ``(path, label)`` files and skipped folders/files of one split."""
+    try:
+        entries = sorted(os.scandir(split_dir), key=lambda e: e.name)
+    except OSError as e:
+        raise T2TViTError(f"cannot read {split_dir}: {e.strerror or e}.") from None
+    classes = [e.name for e in entries if not e.name.startswith(".") and e.is_dir()]
+    skipped = [(e.path, "image outside a class folder") for e in entries
+               if _is_image(e.name) and not e.is_dir()]
+    files: list[tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        class_dir = os.path.join(split_dir, name)
+        errors: list[OSError] = []
+        found = []
+        for dirpath, dirnames, filenames in os.walk(class_dir, onerror=errors.append, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            found += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
+        skipped += [(e.filename or class_dir, f"unreadable folder ({e.strerror or e})") for e in errors]
+        if not found and not errors:
+            skipped.append((class_dir, "empty class folder (no image files)"))
+        files += [(p, label) for p in found]
+    return classes, files, skipped
+
+
+def _verify_split(split_dir: Path, listing, verify: str, max_pixels: int, workers: int = 16):
+    """Check the files of one listed split: ``(samples, skipped)``; each skipped path is logged once."""
+    classes, files, skipped = listing
+    if verify == "none":
+        reasons = [None] * len(files)
+    else:  # header reads are I/O bound: threads overlap them (and the GIL is released in file reads)
+        # warning filters are process-global: set them here once, not inside the threads
+        with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_image names them
+            reasons = list(pool.map(lambda pf: check_image(pf[0], verify, max_pixels), files, chunksize=64))
+    samples = [pf for pf, r in zip(files, reasons) if r is None]
+    skipped = skipped + [(pf[0], r) for pf, r in zip(files, reasons) if r is not None]
+    for path, reason in skipped:
+        log.warning("skipping %s: %s", path, reason)
+    used, listed = {label for _, label in samples}, {label for _, label in files}
+    for label in sorted(listed - used):
+        log.warning("class %r in %s has no usable image", classes[label], split_dir)
+    msg = "%s: %d images in %d classes, %d skipped"
+    (log.warning if skipped else log.info)(msg, split_dir, len(samples), len(classes), len(skipped))
+    return samples, skipped
+
+
+def scan_split(split_dir: Path, verify: str = "header", max_pixels: int = MAX_IMAGE_PIXELS):
+    """Scan one split folder: ``(classes, samples, skipped)``."""
+    listing = _list_split(split_dir)
+    return (listing[0], *_verify_split(split_dir, listing, verify, max_pixels))
+
+
+def _split_dir(root: Path, split: str) -> Path:
+    for name in SPLIT_NAMES[split]:
+        if (root / name).is_dir():
+            return root / name
+    raise T2TViTError(f"{root} has no {split}/ folder "
+                      "(an ImageFolder root needs train/ and val/ of class folders).")
+
+
+def create_imagefolder(root: Path, train_tf: Callable | None, eval_tf: Callable | None, verify: str = "header",
+                       max_pixels: int = MAX_IMAGE_PIXELS):
+    """Scan ``root/train`` and ``root/val``; returns ``(train_ds, val_ds, class_names, skipped)``."""
+    if verify not in VERIFY_MODES:
+        raise T2TViTError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}.")
+    train_dir, val_dir = _split_dir(root, "train"), _split_dir(root, "val")
+    train_listing, val_listing = _list_split(train_dir), _list_split(val_dir)
+    train_classes, val_classes = train_listing[0], val_listing[0]
+    if train_classes != val_classes:  # checked before any file is opened: fails fast on big sets
+        only_t = sorted(set(train_classes) - set(val_classes))
+        only_v = sorted(set(val_classes) - set(train_classes))
+        raise T2TViTError(f"train/ and val/ class folders disagree in {root}: only in train: "
+                          f"{', '.join(only_t) or '-'}; only in val: {', '.join(only_v) or '-'}.")
+    train_samples, train_skipped = _verify_split(train_dir, train_listing, verify, max_pixels)
+    val_samples, val_skipped = _verify_split(val_dir, val_listing, verify, max_pixels)
+    for split_dir, samples, skipped in ((train_dir, train_samples, train_skipped),
+                                        (val_dir, val_samples, val_skipped)):
+        if not samples:
+            raise T2TViTError(f"no usable images in {split_dir} ({len(skipped)} files or folders skipped, "
+                              "see the warnings above).")
+    train = ImageFolderDataset(train_samples, train_classes, train_tf, max_pixels)
+    val = ImageFolderDataset(val_samples, val_classes, eval_tf, max_pixels)
+    return train, val, train_classes, train_skipped + val_skipped

@@ -1,0 +1,47 @@
+"""Distillation as in DeiT: a frozen teacher in eval mode adds a soft (KL at temperature tau) or
+hard (cross-entropy on the teacher's argmax) term, weighted by alpha, to the student's loss."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from t2t_vit.train.config import TrainConfig
+
+
+class DistillationLoss(nn.Module):
+    """``(1 - alpha) * base(student, target) + alpha * teacher term``."""
+
+    def __init__(self, base: nn.Module, teacher: nn.Module, kind: str, alpha: float, tau: float) -> None:
+        super().__init__()
+        self.base, self.teacher, self.kind, self.alpha, self.tau = base, teacher, kind, alpha, tau
+
+    def forward(self, images: Tensor, logits: Tensor, target: Tensor) -> Tensor:
+        base = self.base(logits, target)
+        with torch.no_grad():
+            teacher_logits = self.teacher(images).float()
+        if self.kind == "soft":
+            tau = self.tau
+            kd = F.kl_div(F.log_softmax(logits.float() / tau, dim=-1), F.log_softmax(teacher_logits / tau, dim=-1),
+                          reduction="batchmean", log_target=True) * tau * tau
+        else:
+            kd = F.cross_entropy(logits.float(), teacher_logits.argmax(dim=-1))
+        return (1 - self.alpha) * base + self.alpha * kd
+
+
+def build_teacher(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.Module:
+    """The teacher from one of our checkpoints (architecture read from its metadata), or a model
+    name with optional ``teacher_checkpoint``; frozen and in eval mode."""
+    from t2t_vit.train.evaluate import model_from_checkpoint, load_weights
+    from t2t_vit.train.recipe import build_model
+
+    if os.path.isfile(cfg.teacher):
+        teacher = model_from_checkpoint(cfg.teacher)
+    else:
+        teacher = build_model(cfg, num_classes, name=cfg.teacher, kwargs={})
+        if cfg.teacher_checkpoint:
+            load_weights(teacher, cfg.teacher_checkpoint)
+    teacher.requires_grad_(False)
+    return teacher.to(device).eval()

@@ -1,0 +1,120 @@
+"""The paper's recipe as timm parts: model, AdamW/SGD param groups, cosine schedule, EMA, mixup, loss."""
+from __future__ import annotations
+
+import math
+
+import timm
+import torch
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch import nn
+
+import t2t_vit
+from t2t_vit.train.config import TrainConfig
+
+
+def build_model(cfg: TrainConfig, num_classes: int, name: str | None = None, kwargs: dict | None = None) -> nn.Module:
+    """A T2T-ViT via :func:`t2t_vit.create_model` (with img_size/stem), or any other timm model."""
+    name = name or cfg.model
+    kwargs = dict(cfg.model_kwargs if kwargs is None else kwargs)
+    if name in t2t_vit.list_models():
+        kwargs.setdefault("drop_path_rate", cfg.drop_path)
+        return t2t_vit.create_model(name, num_classes=num_classes, img_size=cfg.img_size, stem=cfg.stem, **kwargs)
+    if cfg.drop_path:
+        kwargs.setdefault("drop_path_rate", cfg.drop_path)
+    return timm.create_model(name, num_classes=num_classes, **kwargs)
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Four groups: {body, head} × {decay, no decay}.
+
+    No weight decay on biases, norm weights (all 1-d tensors), the model's ``no_weight_decay()``
+    names (cls token, position table) and frozen tensors (which are left out altogether). The
+    body's lr is ``lr × body_lr_scale`` through timm's ``lr_scale`` group key, which every timm
+    scheduler honours, so the paper's transfer recipe (head lr ×100 the body) needs no extra code.
+    """
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    head_ids = set()
+    if hasattr(model, "get_classifier"):
+        head_ids = {id(p) for p in model.get_classifier().parameters()}
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim <= 1 or name.endswith(".bias") or name in skip
+        groups.setdefault((id(param) in head_ids, no_decay), []).append(param)
+    return [
+        dict(params=params, weight_decay=0.0 if no_decay else cfg.weight_decay,
+             lr_scale=1.0 if is_head else cfg.body_lr_scale)
+        for (is_head, no_decay), params in sorted(groups.items())
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
+    for group in groups:  # the scheduler sets the real lr on its first update
+        group["lr"] = cfg.lr * group["lr_scale"]
+    kwargs = dict(momentum=cfg.momentum) if cfg.opt in ("sgd", "momentum") else {}
+    return create_optimizer_v2(groups, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+
+
+def schedule_steps(cfg: TrainConfig, steps_per_epoch: int) -> tuple[int, int, int]:
+    """(warmup, cosine, cooldown) optimizer steps; ``epochs`` counts all three."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total // 2)
+    cooldown = min(int(round(cfg.cooldown_epochs * steps_per_epoch)), (total - warmup) // 2)
+    return warmup, max(1, total - warmup - cooldown), cooldown
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> CosineLRScheduler:
+    """Cosine from ``lr`` to ``min_lr`` after a linear warmup from ``warmup_lr``; the cooldown
+    holds ``min_lr`` (timm's scheduler stays at the minimum after its single cycle). Stepped per update."""
+    warmup, cosine, _ = schedule_steps(cfg, steps_per_epoch)
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=cosine, lr_min=cfg.min_lr, warmup_t=warmup, warmup_lr_init=cfg.warmup_lr,
+        warmup_prefix=True, cycle_limit=1, t_in_epochs=False,
+    )
+    scheduler.step_update(0)
+    return scheduler
+
+
+def build_ema(model: nn.Module, cfg: TrainConfig) -> ModelEmaV3 | None:
+    """EMA of the weights; with ``ema_warmup`` the decay rises as 1 - (1 + step)^(-2/3) up to ``ema_decay``."""
+    if not cfg.ema:
+        return None
+    return ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup)
+
+
+def build_mixup(cfg: TrainConfig, num_classes: int) -> Mixup | None:
+    if not cfg.augment or (cfg.mixup <= 0 and cfg.cutmix <= 0):
+        return None
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, switch_prob=cfg.mixup_switch_prob,
+                 label_smoothing=cfg.smoothing, num_classes=num_classes)
+
+
+def build_criterion(cfg: TrainConfig, mixup: Mixup | None) -> nn.Module:
+    if mixup is not None:
+        return SoftTargetCrossEntropy()  # mixup already smoothed the targets
+    if cfg.augment and cfg.smoothing > 0:
+        return LabelSmoothingCrossEntropy(cfg.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def augment_options(cfg: TrainConfig) -> dict | None:
+    """The data module's timm ``create_transform`` options, or None for deterministic transforms."""
+    if not cfg.augment:
+        return None
+    return dict(scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip, auto_augment=cfg.auto_augment,
+                re_prob=cfg.re_prob, interpolation=cfg.train_interpolation, color_jitter=cfg.color_jitter)
+
+
+def lr_now(optimizer: torch.optim.Optimizer) -> float:
+    """The head's (largest) learning rate, for logs."""
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
+def is_finite(value: torch.Tensor | float) -> bool:
+    return bool(torch.isfinite(torch.as_tensor(value)).all()) if isinstance(value, torch.Tensor) else math.isfinite(value)
