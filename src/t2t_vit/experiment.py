@@ -105,14 +105,23 @@ def ablation_arms(preset: Preset) -> list[Arm]:
 
 
 def build_arm_model(arm: Arm, num_classes: int, img_size: int = IMG_SIZE):
-    """The model the trainer builds for ``arm`` (same factory calls), for params/MACs."""
-    import timm
+    """The very model the trainer builds for ``arm`` (its own factory), for params/MACs."""
+    from t2t_vit.train import TrainConfig
+    from t2t_vit.train.recipe import build_model
 
-    import t2t_vit
+    cfg = TrainConfig(model=arm.model, model_kwargs=dict(arm.model_kwargs), img_size=img_size, stem="small")
+    return build_model(cfg, num_classes)
 
-    if arm.is_t2t:
-        return t2t_vit.create_model(arm.model, num_classes=num_classes, img_size=img_size, stem="small", **arm.model_kwargs)
-    return timm.create_model(arm.model, num_classes=num_classes, **arm.model_kwargs)
+
+def run_num_classes(out: Path) -> int | None:
+    """Classifier width of a finished run, from its checkpoint's metadata (the data set decides it)."""
+    from t2t_vit.train.state import read_metadata
+
+    for name in ("checkpoint-last.safetensors", "checkpoint-best.safetensors"):
+        if (out / name).exists():
+            value = read_metadata(str(out / name)).get("num_classes")
+            return int(value) if value else None
+    return None
 
 
 def count_macs(model, img_size: int = IMG_SIZE) -> int:
@@ -158,14 +167,14 @@ def run_arm(arm: Arm, seed: int, output: Path, recipe: dict[str, Any], train_fn:
     out = run_dir(output, arm, seed)
     done = load_metrics(out)
     if done is not None:
-        return {**done, "skipped": True}
+        return {**done, "num_classes": run_num_classes(out), "skipped": True}
     # The trainer uses ``stem`` for T2T-ViT models only; timm models get their size via model_kwargs.
     cfg = TrainConfig(model=arm.model, model_kwargs=dict(arm.model_kwargs), img_size=IMG_SIZE, stem="small",
                       output=str(out), seed=seed, resume="auto", **recipe)
     start = time.perf_counter()
     metrics = dict(train_fn(cfg))
     metrics.setdefault("wall_time_s", time.perf_counter() - start)
-    return {**metrics, "skipped": False}
+    return {**metrics, "num_classes": run_num_classes(out), "skipped": False}
 
 
 def run_ablation(
@@ -241,7 +250,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def train_time(metrics: dict[str, Any]) -> float | None:
-    for key in ("train_time_s", "wall_time_s"):
+    for key in ("train_seconds", "wall_time_s"):
         if metrics.get(key) is not None:
             return float(metrics[key])
     return None
@@ -255,8 +264,8 @@ def summarize(arms: list[Arm], results: dict[str, list[dict[str, Any]]], recipe:
         runs = results[arm.name]
         top1 = [float(r["val_top1"]) for r in runs]
         times = [t for t in map(train_time, runs) if t is not None]
-        num_classes = int(runs[0].get("num_classes", 0)) or None
-        size = profile(arm, num_classes) if num_classes else {"params": runs[0].get("params"), "macs": None}
+        num_classes = runs[0].get("num_classes")
+        size = profile(arm, int(num_classes)) if num_classes else {"params": None, "macs": None}
         mean, std = mean_std(top1)
         rows.append(dict(asdict(arm), **size, top1_mean=mean, top1_std=std, top1=top1,
                          top5_mean=statistics.fmean(float(r.get("val_top5", math.nan)) for r in runs),
