@@ -35,7 +35,7 @@ def test_count_macs_matches_hand_count():
 
 
 @pytest.mark.e2e
-def test_ablation_runs_resumes_and_writes_outputs(tmp_path, monkeypatch):
+def test_ablation_runs_resumes_and_writes_outputs(tmp_path):
     from t2t_vit.train import train
 
     calls = []
