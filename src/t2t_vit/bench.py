@@ -128,16 +128,11 @@ def matmul_rate(dtype: torch.dtype, device: torch.device, size: int = 1024, repe
 
 
 def forward_flops(name: str, img_size: int = 224) -> float:
-    """FLOPs of one image's forward pass, every matmul counted (attention included).
+    """FLOPs of one image's forward pass, every matmul counted (attention included)."""
+    from t2t_vit.profile import count_macs
 
-    Counted on the reference formulation: the fused CPU attention kernel reports 0 FLOPs.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = reference_formulation(t2t_vit.create_model(name, img_size=img_size)).eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, img_size, img_size))
-    return float(counter.get_total_flops())
+    macs, _ = count_macs(t2t_vit.create_model(name, img_size=img_size), (3, img_size, img_size))
+    return 2 * macs
 
 
 def rss_mb() -> tuple[float, float]:

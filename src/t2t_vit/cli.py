@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "t2t_vit.export",
     "t2t_vit.pretrained",  # convert
     "t2t_vit.bench",
+    "t2t_vit.experiment",
 ]
 
 

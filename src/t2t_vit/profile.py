@@ -8,6 +8,7 @@ Performer's feature maps and products — left out, the convention some third-pa
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -49,8 +50,11 @@ def _attention_uncounted() -> Iterator[None]:
 
 
 def count_macs(model: nn.Module, input_size: tuple[int, int, int], batch: int = 1) -> tuple[float, float]:
-    """(MACs, MACs without attention matmuls) of one forward pass, per image."""
-    meta_model = model.to("meta").eval()
+    """(MACs, MACs without attention matmuls) of one forward pass, per image.
+
+    Works on a copy of ``model`` on the meta device: the model itself is left as it is.
+    """
+    meta_model = copy.deepcopy(model).to("meta").eval()
     x = torch.empty(batch, *input_size, device="meta")
     counts = []
     for hide_attention in (False, True):
