@@ -1,6 +1,7 @@
 """The training loop: single process or DDP under torchrun, resumable at any optimizer step."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import random
@@ -273,7 +274,7 @@ class Run:
                 x, y = self.mixup(x, y)
             micro += 1
             sync = micro % cfg.accum_steps == 0
-            context = self.model.no_sync() if (world.distributed and not sync) else _null()
+            context = self.model.no_sync() if (world.distributed and not sync) else contextlib.nullcontext()
             with context, autocast(world.device, cfg.precision):
                 logits = self.model(x)
                 loss = self.teacher(x, logits, y) if self.teacher else self.criterion(logits, y)
@@ -397,14 +398,6 @@ class Run:
                 f"top-5 {metrics['val_top5']:.2f}% ({metrics['preferred']} weights), "
                 f"{metrics['train_images_per_s']:.0f} train img/s; files in {self.out}")
         return metrics
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _shared_output(cfg: TrainConfig, world: World) -> str:
