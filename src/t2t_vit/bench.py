@@ -172,18 +172,18 @@ def training_memory(name: str, mode: str, batch: int, img_size: int = 224) -> di
 
 
 # ---- bf16 agreement on a held-out set ---------------------------------------------------------
-def digits_data(img_size: int = 16, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """scikit-learn's 8×8 digits as 3-channel ``img_size`` images: train x, y and held-out x, y (20%)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+def digits_data(img_size: int = 16) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The digits data set of ``t2t-vit train`` (its train/val split, no augmentation) as tensors:
+    train x, y and held-out x, y."""
+    from t2t_vit.data import create_datasets
 
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
-    images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)
-    images = ((images - 0.3) / 0.4).expand(-1, 3, -1, -1).contiguous()
-    labels = torch.tensor(digits.target)
-    train, test = train_test_split(range(len(labels)), test_size=0.2, random_state=seed, stratify=digits.target)
-    return images[train], labels[train], images[test], labels[test]
+    bundle = create_datasets("digits", img_size, None)
+
+    def stack(dataset) -> tuple[Tensor, Tensor]:
+        images, labels = zip(*(dataset[i] for i in range(len(dataset))))
+        return torch.stack(images), torch.tensor(labels)
+
+    return (*stack(bundle.train), *stack(bundle.val))
 
 
 def train_briefly(model: nn.Module, images: Tensor, labels: Tensor, steps: int, batch: int = 64, lr: float = 2e-3) -> nn.Module:
