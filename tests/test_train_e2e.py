@@ -115,3 +115,14 @@ def test_finetune_new_head_and_distillation(tmp_path):
                               output=str(tmp_path / kind)))
         assert m["steps"] == 3 and m["val_loss"] == m["val_loss"]
     assert tuned["steps"] == 3
+
+
+def test_timm_model_checkpoint_rebuilds_with_its_own_img_size(tmp_path):
+    from t2t_vit.pretrained import model_from_checkpoint
+
+    cfg = TrainConfig(data="digits", model="vit_tiny_patch16_224", img_size=32, workers=0, threads=1,
+                      log_every=1000, epochs=1, max_steps=1, batch_size=8, output=str(tmp_path / "vit"),
+                      model_kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2))
+    train(cfg)
+    model = model_from_checkpoint(str(tmp_path / "vit" / "checkpoint-last.safetensors"))
+    assert model.patch_embed.img_size == (32, 32) and model.num_classes == 10

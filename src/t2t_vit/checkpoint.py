@@ -271,8 +271,9 @@ def adapt_state_dict(state_dict: dict[str, Tensor], model: nn.Module, meta: Mapp
     target = model.state_dict()
     state_dict = dict(state_dict)
     pos, own_pos = state_dict.get("pos_embed"), target.get("pos_embed")
-    if pos is not None and own_pos is not None and pos.shape[-1] == own_pos.shape[-1]:
-        new = tuple(model.grid_size)
+    grid = getattr(model, "grid_size", None)  # other timm models (e.g. a ViT teacher) are loaded as they are
+    if pos is not None and own_pos is not None and grid is not None and pos.shape[-1] == own_pos.shape[-1]:
+        new = tuple(grid)
         if pos.shape != own_pos.shape:
             old = _source_grid(pos.shape[1] - 1, model, meta or {})
         else:  # same length, but maybe another grid (8x12 vs 12x8): only metadata can tell

@@ -75,14 +75,19 @@ def model_from_checkpoint(path: str | os.PathLike | None, name: str | None = Non
         raise T2TViTError(f"{path} does not say which model it holds; pass --model" if path else "give a model name")
     if meta.get("model") and meta["model"] != name:
         raise T2TViTError(f"{path} holds a {meta['model']!r} model, not {name!r}; drop --model or correct it")
-    kwargs = dict(meta.get("model_kwargs") or {})
+    explicit = dict(meta.get("model_kwargs") or {})
+    kwargs = dict(explicit)
     kwargs.update({key: meta[key] for key in ("img_size", "stem", "num_classes") if meta.get(key) is not None})
     kwargs.update({key: value for key, value in overrides.items() if value is not None})
     num_classes = int(kwargs.pop("num_classes", 1000))
     if name in t2t_vit.list_models():
         model = t2t_vit.create_model(name, num_classes=num_classes, **kwargs)
     else:
-        kwargs.pop("img_size", None), kwargs.pop("stem", None)
+        # The run's img_size/stem are T2T-ViT arguments; another timm model keeps only its own
+        # (a timm ViT trained at 32 px has img_size in its model_kwargs, a ResNet has none).
+        for key in ("img_size", "stem"):
+            if key not in explicit:
+                kwargs.pop(key, None)
         model = timm.create_model(name, num_classes=num_classes, **kwargs)
     if path:
         report = load_checkpoint(model, path, use_ema=use_ema)
