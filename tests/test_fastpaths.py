@@ -1,7 +1,8 @@
 """Every fast path computes the same function as the reference formulation, within its precision.
 
-Fast paths: fused SDPA attention and the matmul-form Performer (defaults, exact in fp32), bf16
-autocast and torch.compile (opt-in, they change numerics). The reference formulation is
+Fast paths: fused SDPA attention, the matmul-form Performer, the strided soft split and the
+inference cache of autocast weight copies (defaults, exact), bf16 autocast and torch.compile
+(opt-in, they change numerics). The reference formulation is
 ``t2t_vit.bench.reference_formulation(model)``; the tests also check both against formulas
 written out here in float64.
 """
@@ -12,13 +13,16 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import t2t_vit
 from t2t_vit.bench import (
     bf16_agreement, digits_data, forward_flops, reference_formulation, time_alternating, train_briefly, training_memory,
 )
-from t2t_vit.layers import Attention
-from t2t_vit.t2t import TokenPerformer
+from t2t_vit.layers import Attention, Linear
+from t2t_vit.t2t import SoftSplit, TokenPerformer
 
 torch.set_num_threads(1)  # the machine is shared; tiny sizes are fast on one thread
 
@@ -55,11 +59,13 @@ def test_fast_paths_are_the_defaults_and_precision_stays_fp32():
     model = tiny()
     assert all(m.fused_attn for m in model.modules() if isinstance(m, Attention))
     assert all(m.fused for m in model.modules() if isinstance(m, TokenPerformer))
+    assert all(m.strided for m in model.modules() if isinstance(m, SoftSplit))
     assert type(model) is t2t_vit.T2TViT  # not compiled unless asked
     assert model(torch.randn(2, 3, 16, 16)).dtype == torch.float32  # no autocast unless asked
     reference_formulation(model)
     assert not any(m.fused_attn for m in model.modules() if isinstance(m, Attention))
     assert not any(m.fused for m in model.modules() if isinstance(m, TokenPerformer))
+    assert not any(m.strided for m in model.modules() if isinstance(m, SoftSplit))
     reference_formulation(model, enable=False)
     assert all(m.fused for m in model.modules() if isinstance(m, TokenPerformer))
 
@@ -89,6 +95,69 @@ def test_matmul_performer_matches_einsum_and_quadratic_form():
     reference = module.attend(q, k, v)
     torch.testing.assert_close(fast.double(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(reference.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    kernel=st.integers(1, 7), stride=st.integers(1, 4), padding=st.integers(0, 3),
+    channels=st.integers(1, 5), height=st.integers(7, 20), width=st.integers(7, 20), from_tokens=st.booleans(),
+)
+def test_strided_soft_split_equals_unfold(kernel, stride, padding, channels, height, width, from_tokens):
+    padding = min(padding, kernel // 2)
+    torch.manual_seed(0)
+    if from_tokens:  # a re-structurized token sequence: a non-contiguous (B, C, H, W) view
+        image = torch.randn(2, height * width, channels).transpose(1, 2).reshape(2, channels, height, width)
+    else:
+        image = torch.randn(2, channels, height, width)
+    image.requires_grad_(True)
+    split = SoftSplit(kernel, stride, padding)
+    fast = split(image)
+    assert fast.is_contiguous()
+    grad_fast, = torch.autograd.grad(fast.square().sum(), image)
+    expected = F.unfold(image, kernel, padding=padding, stride=stride).transpose(1, 2)
+    grad_expected, = torch.autograd.grad(expected.square().sum(), image)
+    assert torch.equal(fast, expected)  # a pure gather: bit-identical
+    torch.testing.assert_close(grad_fast, grad_expected)
+    split.strided = False
+    assert torch.equal(split(image), expected)
+
+
+def test_linear_reuses_its_autocast_copy_and_notices_weight_changes():
+    torch.manual_seed(0)
+    layer, plain = Linear(16, 8), torch.nn.Linear(16, 8)
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 16)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = layer(x)
+        copy_made = layer._cast[1]
+        assert torch.equal(first, plain(x)) and first.dtype == torch.bfloat16  # exactly autocast's function
+        layer(x)
+        assert layer._cast[1] is copy_made  # reused, not cast again
+    with torch.no_grad():
+        layer.weight.mul_(2)  # an in-place update (optimizer step, EMA, load_state_dict) ...
+        plain.weight.mul_(2)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(layer(x), plain(x))  # ... is seen
+        assert layer._cast[1] is not copy_made
+    layer.load_state_dict(torch.nn.Linear(16, 8).state_dict())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_linear_cache_stays_out_of_training_and_can_be_switched_off():
+    layer = Linear(16, 8)
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x).float().sum().backward()  # gradients on: plain autocast, gradients reach the weights
+    assert layer._cast is None and layer.weight.grad is not None
+    layer.cache_cast = False
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    assert layer._cast is None
+    with torch.inference_mode():
+        built_here = Linear(16, 8)  # weights without a version counter: no cache, still works
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert built_here(x).dtype == torch.bfloat16 and built_here._cast is None
 
 
 @pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])

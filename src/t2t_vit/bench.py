@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 import t2t_vit
 from t2t_vit.errors import T2TViTError
-from t2t_vit.t2t import TokenPerformer
+from t2t_vit.t2t import SoftSplit, TokenPerformer
 
 MODELS = ("t2t_vit_7", "t2t_vit_14", "t2t_vit_t_14", "t2t_vit_24")
 QUICK_MODELS = ("t2t_vit_14", "t2t_vit_t_14")
@@ -42,14 +42,16 @@ MODES = ("reference", "fp32", "bf16", "compile")
 def reference_formulation(model: nn.Module, enable: bool = True) -> nn.Module:
     """Turn every fast path of ``model`` off (``enable=False`` turns them back on); returns it.
 
-    Plain softmax attention instead of the fused kernel, and the einsum Performer instead of the
-    matmul form. Weights and state-dict layout are untouched; precision and compile are up to
+    Plain softmax attention instead of the fused kernel, the einsum Performer instead of the
+    matmul form, and ``nn.Unfold`` + transpose instead of the strided soft split. Weights and state-dict layout are untouched; precision and compile are up to
     the caller (the reference runs in fp32, eager).
     """
     t2t_vit.set_fused_attn(model, not enable)
     for module in model.modules():
         if isinstance(module, TokenPerformer):
             module.fused = not enable
+        elif isinstance(module, SoftSplit):
+            module.strided = not enable
     return model
 
 

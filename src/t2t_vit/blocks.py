@@ -11,9 +11,9 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath
 
-from t2t_vit.layers import Attention, GhostAttention, GhostMlp
+from t2t_vit.layers import Attention, GhostAttention, GhostMlp, Linear, Mlp
 
 BLOCK_KINDS = ("standard", "se", "ghost")
 
@@ -59,7 +59,7 @@ class DenseBlock(Block):
 
     def __init__(self, dim: int, growth: int, **kwargs) -> None:
         super().__init__(dim, **kwargs)
-        self.dense_linear = nn.Linear(dim, growth)
+        self.dense_linear = Linear(dim, growth)
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([x, self.dense_linear(super().forward(x))], dim=-1)
@@ -70,7 +70,7 @@ class Transition(nn.Module):
 
     def __init__(self, dim: int, out_dim: int) -> None:
         super().__init__()
-        self.linear = nn.Linear(dim, out_dim)
+        self.linear = Linear(dim, out_dim)
         self.act = nn.GELU()
 
     def forward(self, x: Tensor) -> Tensor:

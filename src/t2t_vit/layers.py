@@ -2,7 +2,8 @@
 
 Attention has two paths that compute the same function: the fused
 ``F.scaled_dot_product_attention`` (default; no N×N matrix in memory) and a plain softmax path
-(``fused_attn = False``) that tests and the reference benchmark compare against.
+(``fused_attn = False``) that tests and the reference benchmark compare against. ``Linear`` is
+``nn.Linear`` plus a cache of its autocast weight copy for inference (see its docstring).
 """
 from __future__ import annotations
 
@@ -26,15 +27,72 @@ def sinusoid_table(num_positions: int, dim: int) -> Tensor:
     return table[None].float()
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` that keeps its low-precision weight copy between inference calls.
+
+    Autocast casts every fp32 weight to bf16/fp16 on every call and, under ``inference_mode``,
+    never reuses the copy, so each batch re-reads and re-writes all weights (about a tenth of a
+    bf16 T2T-ViT-14 forward on a CPU). With gradients off and autocast on, this layer keeps one
+    copy and makes it again whenever the weights change: in-place updates (optimizer steps, EMA,
+    ``load_state_dict``) bump the version counters, moves change the storage. It computes
+    exactly what autocast computes; with gradients on, or when compiling, it is plain
+    ``nn.Linear`` (autocast's own per-forward cache serves training). Set ``cache_cast = False``
+    (on the class or one layer) to trade the speed for the copy's memory (half the fp32 weights).
+    """
+
+    cache_cast: bool = True
+    _cast: tuple | None = None  # (key, weight, bias) in the autocast dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        device = x.device.type
+        if (
+            not self.cache_cast
+            or torch.is_grad_enabled()
+            or not torch.amp.is_autocast_available(device)  # e.g. "meta", used to count MACs
+            or not torch.is_autocast_enabled(device)
+            or torch.compiler.is_compiling()
+            or self.weight.is_inference()  # built under inference_mode: no version counter to watch
+        ):
+            return super().forward(x)
+        _, weight, bias = self._autocast_copy(torch.get_autocast_dtype(device))
+        return F.linear(x, weight, bias)
+
+    def _autocast_copy(self, dtype: torch.dtype) -> tuple:
+        tensors = [t for t in (self.weight, self.bias) if t is not None]
+        key = (dtype, *((t.device, t.data_ptr(), t._version) for t in tensors))
+        if self._cast is None or self._cast[0] != key:
+            bias = self.bias.to(dtype) if self.bias is not None else None
+            self._cast = (key, self.weight.to(dtype), bias)
+        return self._cast
+
+
+class Mlp(nn.Module):
+    """Linear → activation → dropout → Linear → dropout, with timm's ``fc1`` / ``fc2`` names."""
+
+    def __init__(
+        self, dim: int, hidden_dim: int, out_dim: int | None = None, act_layer: type[nn.Module] = nn.GELU,
+        drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.fc1 = Linear(dim, hidden_dim)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = Linear(hidden_dim, out_dim or dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
 class SqueezeExcite(nn.Module):
     """Channel attention over tokens: mean over the token axis → bottleneck → sigmoid gate."""
 
     def __init__(self, dim: int, reduction: int = 16) -> None:
         super().__init__()
         self.fc = nn.Sequential(
-            nn.Linear(dim, dim // reduction, bias=False),
+            Linear(dim, dim // reduction, bias=False),
             nn.ReLU(inplace=True),
-            nn.Linear(dim // reduction, dim, bias=False),
+            Linear(dim // reduction, dim, bias=False),
             nn.Sigmoid(),
         )
 
@@ -82,9 +140,9 @@ class Attention(nn.Module):
         self.out_dim = out_dim
         self.scale = scale if scale is not None else (out_dim // num_heads) ** -0.5
         self.value_residual = value_residual
-        self.qkv = nn.Linear(dim, out_dim * 3, bias=qkv_bias)
+        self.qkv = Linear(dim, out_dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(out_dim, out_dim)
+        self.proj = Linear(out_dim, out_dim)
         self.se_layer = SqueezeExcite(out_dim, se_reduction) if se_reduction else nn.Identity()
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -117,9 +175,9 @@ class GhostAttention(Attention):
         super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, **kwargs)
         del self.qkv
         half = dim // 2
-        self.q = nn.Linear(dim, half, bias=qkv_bias)
-        self.k = nn.Linear(dim, half, bias=qkv_bias)
-        self.v = nn.Linear(dim, half, bias=qkv_bias)
+        self.q = Linear(dim, half, bias=qkv_bias)
+        self.k = Linear(dim, half, bias=qkv_bias)
+        self.v = Linear(dim, half, bias=qkv_bias)
         self.cheap_operation_q = CheapOperation(half)
         self.cheap_operation_k = CheapOperation(half)
         self.cheap_operation_v = CheapOperation(half)
@@ -144,14 +202,14 @@ class GhostMlp(nn.Module):
         copies = hidden_dim // dim
         if copies < 1 or hidden_dim % dim:
             raise ValueError(f"Ghost MLP needs a hidden width that is a multiple of {dim}, got {hidden_dim}")
-        self.fc1 = nn.Linear(dim, dim)
+        self.fc1 = Linear(dim, dim)
         self.act = act_layer()
         # Named cheap_operation2, 3, ... as in the reference layout.
         self.num_cheap = copies - 1
         for index in range(self.num_cheap):
             self.add_module(f"cheap_operation{index + 2}", CheapOperation(dim))
         self.drop = nn.Dropout(drop)
-        self.fc2 = nn.Linear(dim * copies, dim)
+        self.fc2 = Linear(dim * copies, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         primary = self.act(self.fc1(x))

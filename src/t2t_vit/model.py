@@ -15,7 +15,7 @@ from timm.models._manipulate import checkpoint_seq
 
 from t2t_vit.blocks import DenseBlock, Transition, build_blocks
 from t2t_vit.errors import T2TViTError
-from t2t_vit.layers import Attention, sinusoid_table
+from t2t_vit.layers import Attention, Linear, sinusoid_table
 from t2t_vit.t2t import SoftSplitSpec, build_tokenizer
 
 
@@ -91,7 +91,7 @@ class T2TViT(nn.Module):
         self.head_hidden_size = self.num_features
         self.norm = nn.LayerNorm(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info = []
         width = embed_dim
         for index, blk in enumerate(self.blocks):
@@ -209,7 +209,7 @@ class T2TViT(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             _init_weights(self.head)
 

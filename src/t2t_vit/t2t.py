@@ -13,10 +13,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from timm.layers import Mlp
 
 from t2t_vit.errors import T2TViTError
-from t2t_vit.layers import Attention
+from t2t_vit.layers import Attention, Linear, Mlp
 
 # (kernel, stride, padding) of each soft split.
 SoftSplitSpec = tuple[int, int, int]
@@ -81,15 +80,28 @@ def restructurize(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
 
 
 class SoftSplit(nn.Module):
-    """Overlapping k×k patches flattened into tokens: (B, C, H, W) → (B, L, C·k·k), channel-major."""
+    """Overlapping k×k patches flattened into tokens: (B, C, H, W) → (B, L, C·k·k), channel-major.
+
+    ``strided = True`` (default) gathers the patches from a channels-last view in one copy, so
+    tokens that were just re-structurized are split without a transpose and come out contiguous
+    for the LayerNorm that follows. ``strided = False`` is ``nn.Unfold`` followed by a transpose,
+    as the paper's code has it (the reference formulation). Both give the same tokens.
+    """
+
+    strided: bool = True
 
     def __init__(self, kernel: int, stride: int, padding: int) -> None:
         super().__init__()
         self.kernel, self.stride, self.padding = kernel, stride, padding
 
     def forward(self, image: Tensor) -> Tensor:
-        patches = F.unfold(image, kernel_size=self.kernel, stride=self.stride, padding=self.padding)
-        return patches.transpose(1, 2)
+        if not self.strided:
+            patches = F.unfold(image, kernel_size=self.kernel, stride=self.stride, padding=self.padding)
+            return patches.transpose(1, 2)
+        k, s, p = self.kernel, self.stride, self.padding
+        pixels = F.pad(image.permute(0, 2, 3, 1), (0, 0, p, p, p, p))  # (B, H+2p, W+2p, C)
+        patches = pixels.unfold(1, k, s).unfold(2, k, s)  # view (B, h, w, C, k, k)
+        return patches.reshape(image.shape[0], -1, image.shape[1] * k * k).contiguous()  # no-op unless k = 1
 
     def extra_repr(self) -> str:
         return f"kernel={self.kernel}, stride={self.stride}, padding={self.padding}"
@@ -142,21 +154,22 @@ class TokenPerformer(nn.Module):
         super().__init__()
         self.out_dim = out_dim
         self.num_features = int(out_dim * kernel_ratio)
-        self.kqv = nn.Linear(dim, 3 * out_dim)
+        self.kqv = Linear(dim, 3 * out_dim)
         self.dp = nn.Dropout(drop)
-        self.proj = nn.Linear(out_dim, out_dim)
+        self.proj = Linear(out_dim, out_dim)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(out_dim)
         self.mlp = nn.Sequential(
-            nn.Linear(out_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim), nn.Dropout(drop)
+            Linear(out_dim, out_dim), nn.GELU(), Linear(out_dim, out_dim), nn.Dropout(drop)
         )
         w = nn.init.orthogonal_(torch.empty(self.num_features, out_dim)) * math.sqrt(self.num_features)
         self.w = nn.Parameter(w, requires_grad=False)
 
     def feature_map(self, x: Tensor) -> Tensor:
         x = x.float()
-        half_sq_norm = (x * x).sum(dim=-1, keepdim=True) / 2
-        return torch.exp(x @ self.w.float().t() - half_sq_norm) / math.sqrt(self.num_features)
+        # exp(t·wᵀ − ‖t‖²/2) / √m written as one exponent, updated in place: no (B, N, m) temporaries.
+        offset = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / 2 + math.log(self.num_features) / 2
+        return (x @ self.w.float().t()).sub_(offset).exp_()
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Linear-time attention in float32, (B, N, out_dim)."""
@@ -223,7 +236,7 @@ class T2TModule(nn.Module):
             if index < len(self.specs) - 1:
                 self.add_module(f"attention{index + 1}", T2T_LAYERS[layer](width, token_dim))
                 width = token_dim
-        self.project = nn.Linear(width, embed_dim)
+        self.project = Linear(width, embed_dim)
 
     def grid(self, img_size: tuple[int, int]) -> tuple[int, int]:
         return token_grid(img_size, self.specs)
