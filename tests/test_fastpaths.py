@@ -18,8 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import t2t_vit
+from t2t_vit.agreement import bf16_agreement, digits_data, train_briefly
 from t2t_vit.bench import (
-    bf16_agreement, digits_data, forward_flops, reference_formulation, time_alternating, train_briefly, training_memory,
+    bench_model, build_case, format_table, forward_flops, make_step, reference_formulation, time_alternating,
+    training_memory,
 )
 from t2t_vit.layers import Attention, Linear
 from t2t_vit.t2t import SoftSplit, TokenPerformer
@@ -254,3 +256,29 @@ def test_training_memory_runs_in_a_fresh_process():
     # Weights (4.3M fp32 = 17 MB) + gradients + momentum are at least ~50 MB above the baseline.
     assert figures["peak_mb"] >= figures["baseline_mb"] + 40
     assert figures["step_mb"] == pytest.approx(figures["peak_mb"] - figures["baseline_mb"])
+
+
+def test_compile_bf16_mode_compiles_and_runs_under_autocast(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, backend: compiled.append(backend) or model)
+    model = build_case("t2t_vit_7", "compile-bf16", img_size=32)
+    assert compiled == ["inductor"]
+    seen = []
+    model.head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    make_step(model, "compile-bf16", "infer", torch.randn(1, 3, 32, 32), torch.zeros(1, dtype=torch.long))()
+    assert seen == [torch.bfloat16]
+
+
+def test_bench_model_rows_and_table():
+    rows = bench_model("t2t_vit_7", ["reference", "fp32"], [("infer", 2), ("train", 2)], repeats=2,
+                       device=torch.device("cpu"), img_size=32)
+    assert [(r["task"], r["mode"]) for r in rows] == [("infer", "reference"), ("infer", "fp32"),
+                                                      ("train", "reference"), ("train", "fp32")]
+    for row in rows:
+        assert len(row["times"]) == 2 and row["images_per_s"] == pytest.approx(2 / row["seconds"])
+        assert row["peak_mb"] is None  # GPU memory only on a GPU; the CPU has its own subprocess measure
+        row["of_peak"] = 0.5
+    assert next(r for r in rows if r["mode"] == "reference")["speedup"] == 1.0
+    rows.append(dict(model="t2t_vit_7", task="train", batch=512, mode="bf16", out_of_memory=True))
+    table = format_table(dict(rows=rows, memory=[]))
+    assert table.count("\n| t2t_vit_7 |") == 5 and "out of memory" in table and "peak MB" not in table

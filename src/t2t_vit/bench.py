@@ -4,8 +4,10 @@ The *reference formulation* is the model with every fast path off: plain softmax
 Performer as the paper's code writes it (einsums, normaliser repeated over the width), fp32, no
 compile. Each fast path is measured against it in the same run: ``fp32`` (fused attention and
 the matmul-form Performer, the library defaults), ``bf16`` (the defaults under CPU/GPU bf16
-autocast) and ``compile`` (the defaults under ``torch.compile``). Cases are timed in alternation
-(A, B, C, A, B, C, ...) and medians reported, because absolute times on a shared machine are noise.
+autocast), ``compile`` (the defaults under ``torch.compile``) and ``compile-bf16`` (both). Cases
+are timed in alternation (A, B, C, A, B, C, ...) and medians reported, because absolute times on a
+shared machine are noise. ``--gpu`` runs the GPU preset: large batches, every mode compiled, peak
+memory from ``torch.cuda.max_memory_allocated``.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import t2t_vit
+from t2t_vit.agreement import digits_agreement
 from t2t_vit.errors import T2TViTError
 from t2t_vit.t2t import SoftSplit, TokenPerformer
 
@@ -35,7 +38,11 @@ QUICK_MODELS = ("t2t_vit_14", "t2t_vit_t_14")
 COMPILE_MODELS = ("t2t_vit_7",)
 COMPILE_BATCH = 8
 AGREEMENT_MODEL = "t2t_vit_14"
-MODES = ("reference", "fp32", "bf16", "compile")
+MODES = ("reference", "fp32", "bf16", "compile", "compile-bf16")
+DEFAULT_MODES = ("reference", "fp32", "bf16", "compile")
+# The GPU preset: the issue's training table (batch 64-256, bf16 + compile) plus fp32 inference.
+GPU_MODELS = ("t2t_vit_14", "t2t_vit_t_14")
+GPU_TASKS = (("infer", 256), ("train", 64), ("train", 128), ("train", 256))
 
 
 # ---- formulations ---------------------------------------------------------------------------
@@ -69,14 +76,14 @@ def build_case(name: str, mode: str, state: dict | None = None, **model_kwargs) 
         model.load_state_dict(state)
     if mode == "reference":
         reference_formulation(model)
-    if mode == "compile":
+    if mode.startswith("compile"):
         model = torch.compile(model, backend="inductor")
     return model
 
 
 def make_step(model: nn.Module, mode: str, task: str, images: Tensor, labels: Tensor) -> Callable[[], None]:
     """A closure running one inference forward or one SGD training step of ``model``."""
-    use_bf16 = mode == "bf16"
+    use_bf16 = mode.endswith("bf16")
     device = images.device
     if task == "infer":
         model.eval()
@@ -105,9 +112,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_alternating(steps: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, list[float]]:
+def time_alternating(
+    steps: dict[str, Callable[[], None]], repeats: int, device: torch.device, warm_up: bool = True
+) -> dict[str, list[float]]:
     """Seconds per call of each step, interleaved so that load drifts hit every case alike."""
-    for step in steps.values():  # warm-up (and compile)
+    for step in steps.values() if warm_up else ():  # (and compile)
         step()
     times: dict[str, list[float]] = {key: [] for key in steps}
     for _ in range(repeats):
@@ -120,8 +129,9 @@ def time_alternating(steps: dict[str, Callable[[], None]], repeats: int, device:
     return times
 
 
-def matmul_rate(dtype: torch.dtype, device: torch.device, size: int = 1024, repeats: int = 5) -> float:
-    """Measured GFLOP/s of a square ``size``×``size`` matmul: the best of ``repeats``, the machine's limit."""
+def matmul_rate(dtype: torch.dtype, device: torch.device, size: int | None = None, repeats: int = 5) -> float:
+    """Measured GFLOP/s of a square matmul (1024 on a CPU, 8192 on a GPU): the best of ``repeats``."""
+    size = size or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     calls = 4
@@ -173,79 +183,18 @@ def training_memory(name: str, mode: str, batch: int, img_size: int = 224) -> di
     return figures
 
 
-# ---- bf16 agreement on a held-out set ---------------------------------------------------------
-def digits_data(img_size: int = 16) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The digits data set of ``t2t-vit train`` (its train/val split, no augmentation) as tensors:
-    train x, y and held-out x, y."""
-    from t2t_vit.data import create_datasets
-
-    bundle = create_datasets("digits", img_size, None)
-
-    def stack(dataset) -> tuple[Tensor, Tensor]:
-        images, labels = zip(*(dataset[i] for i in range(len(dataset))))
-        return torch.stack(images), torch.tensor(labels)
-
-    return (*stack(bundle.train), *stack(bundle.val))
-
-
-def train_briefly(model: nn.Module, images: Tensor, labels: Tensor, steps: int, batch: int = 64, lr: float = 2e-3) -> nn.Module:
-    """A few AdamW steps in fp32 with the default fast paths, so that logits mean something."""
-    generator = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    # Linear warm-up over the first quarter: deep post-init transformers stall without it.
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, steps // 4)))
-    model.train()
-    for _ in range(steps):
-        index = torch.randint(0, len(labels), (batch,), generator=generator)
-        loss = F.cross_entropy(model(images[index]), labels[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        warmup.step()
-    return model.eval()
-
-
-@torch.inference_mode()
-def bf16_agreement(model: nn.Module, images: Tensor, labels: Tensor | None = None, batch: int = 128) -> dict[str, float]:
-    """Top-1 agreement of bf16 autocast with fp32 on ``images`` (and each one's accuracy if labelled)."""
-    model.eval()
-    fp32, bf16 = [], []
-    for chunk in images.split(batch):
-        fp32.append(model(chunk))
-        with autocast(chunk.device, True):
-            bf16.append(model(chunk).float())
-    fp32_logits, bf16_logits = torch.cat(fp32), torch.cat(bf16)
-    result = dict(images=len(images), agreement=(fp32_logits.argmax(1) == bf16_logits.argmax(1)).float().mean().item(),
-                  max_logit_diff=(fp32_logits - bf16_logits).abs().max().item(),
-                  median_margin=_top2_margin(fp32_logits).median().item())
-    if labels is not None:
-        result["accuracy_fp32"] = (fp32_logits.argmax(1) == labels).float().mean().item()
-        result["accuracy_bf16"] = (bf16_logits.argmax(1) == labels).float().mean().item()
-    return result
-
-
-def _top2_margin(logits: Tensor) -> Tensor:
-    top2 = logits.topk(2, dim=1).values
-    return top2[:, 0] - top2[:, 1]
-
-
-def digits_agreement(
-    name: str, steps: int, img_size: int = 16, batch: int = 32, lr: float = 1e-3, **model_kwargs
-) -> dict[str, float]:
-    """Train ``name`` briefly on digits at ``img_size`` px (small stem), then bf16-vs-fp32 agreement held out."""
-    torch.manual_seed(0)
-    model = t2t_vit.create_model(name, img_size=img_size, stem="small", num_classes=10, **model_kwargs)
-    train_x, train_y, test_x, test_y = digits_data(img_size)
-    train_briefly(model, train_x, train_y, steps, batch=batch, lr=lr)
-    return dict(model=name, img_size=img_size, steps=steps, **bf16_agreement(model, test_x, test_y))
-
-
 # ---- the suite ------------------------------------------------------------------------------
 def bench_model(
     name: str, modes: Iterable[str], tasks: Iterable[tuple[str, int]], repeats: int, device: torch.device,
-    img_size: int = 224, compile_batches: Iterable[int] = (COMPILE_BATCH,),
+    img_size: int = 224, compile_batches: Iterable[int] | None = (COMPILE_BATCH,), log: Callable[[str], None] = print,
 ) -> list[dict]:
-    """Time every (task, batch) of ``name`` in every mode, alternating; rows with ratios to the reference."""
+    """Time every (task, batch) of ``name`` in every mode, alternating; rows with ratios to the reference.
+
+    Compiled modes run only at ``compile_batches`` (None: every batch). On a GPU each row also has
+    ``peak_mb``: the most memory the case allocated while it was built and warmed up (weights,
+    gradients, optimizer state, activations), from ``torch.cuda.max_memory_allocated``; a case that
+    runs out of memory is reported as such and the others go on.
+    """
     torch.manual_seed(0)
     state = t2t_vit.create_model(name, img_size=img_size).state_dict()
     flops = forward_flops(name, img_size)
@@ -253,26 +202,57 @@ def bench_model(
     for task, batch in tasks:
         images = torch.randn(batch, 3, img_size, img_size, device=device)
         labels = torch.randint(0, 1000, (batch,), device=device)
-        steps = {}
+        steps, peaks = {}, {}
         for mode in modes:
-            if mode == "compile" and batch not in compile_batches:
+            if mode.startswith("compile") and compile_batches is not None and batch not in compile_batches:
                 continue
-            model = build_case(name, mode, copy.deepcopy(state), img_size=img_size).to(device)
-            steps[mode] = make_step(model, mode, task, images, labels)
-        times = time_alternating(steps, repeats, device)
+            try:
+                steps[mode], peaks[mode] = _warm_case(name, mode, task, state, images, labels, img_size)
+            except torch.OutOfMemoryError:
+                log(f"{name} {task} batch {batch} {mode}: out of memory")
+                rows.append(dict(model=name, task=task, batch=batch, mode=mode, out_of_memory=True))
+                _release(device)
+        times = time_alternating(steps, repeats, device, warm_up=False)
         ref = statistics.median(times["reference"]) if "reference" in times else float("nan")
         for mode, seconds in times.items():
             median = statistics.median(seconds)
             step_flops = flops * batch * (3 if task == "train" else 1)  # backward ≈ 2× forward
             rows.append(dict(model=name, task=task, batch=batch, mode=mode, seconds=median, times=seconds,
-                             images_per_s=batch / median, speedup=ref / median, gflops=step_flops / median / 1e9))
+                             images_per_s=batch / median, speedup=ref / median, gflops=step_flops / median / 1e9,
+                             peak_mb=peaks[mode]))
+        del steps
+        _release(device)
     return rows
+
+
+def _warm_case(
+    name: str, mode: str, task: str, state: dict, images: Tensor, labels: Tensor, img_size: int
+) -> tuple[Callable[[], None], float | None]:
+    """Build one case, run it once (warm-up, compilation, optimizer state); its step and GPU peak MB."""
+    device = images.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        baseline = torch.cuda.memory_allocated(device)  # the cases built before this one
+        torch.cuda.reset_peak_memory_stats(device)
+    model = build_case(name, mode, copy.deepcopy(state), img_size=img_size).to(device)
+    step = make_step(model, mode, task, images, labels)
+    step()
+    if device.type != "cuda":
+        return step, None
+    torch.cuda.synchronize(device)
+    return step, (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def run_suite(
     models: Iterable[str], modes: Iterable[str], tasks: Iterable[tuple[str, int]], repeats: int,
     memory_batch: int | None, device: torch.device, log: Callable[[str], None] = print,
     compile_models: Iterable[str] = COMPILE_MODELS, agreement_steps: int = 0,
+    compile_batches: Iterable[int] | None = (COMPILE_BATCH,),
 ) -> dict:
     """The whole benchmark: matmul rates, timing rows and (CPU) training-memory rows, as one dict."""
     modes = list(modes)
@@ -282,11 +262,11 @@ def run_suite(
     rows, memory = [], []
     for name in models:
         start = time.perf_counter()
-        model_modes = [m for m in modes if m != "compile" or name in compile_models]
-        new_rows = bench_model(name, model_modes, tasks, repeats, device)
+        model_modes = [m for m in modes if not m.startswith("compile") or name in compile_models]
+        new_rows = bench_model(name, model_modes, tasks, repeats, device, compile_batches=compile_batches, log=log)
         rows += new_rows
         if memory_batch and device.type == "cpu":
-            for mode in (m for m in modes if m != "compile"):  # compile time would dominate a fresh process
+            for mode in (m for m in modes if not m.startswith("compile")):  # compile time would dominate a fresh process
                 memory.append(dict(model=name, mode=mode, batch=memory_batch, **training_memory(name, mode, memory_batch)))
             ref = next(m["step_mb"] for m in memory if m["model"] == name and m["mode"] == "reference")
             for m in memory:
@@ -296,7 +276,8 @@ def run_suite(
     for dtype, key in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16")):  # best of start and end
         rates[key] = max(rates[key], matmul_rate(dtype, device))
     for row in rows:
-        row["of_peak"] = row["gflops"] / rates["bfloat16" if row["mode"] == "bf16" else "float32"]
+        if "gflops" in row:
+            row["of_peak"] = row["gflops"] / rates["bfloat16" if row["mode"].endswith("bf16") else "float32"]
     agreement = digits_agreement(AGREEMENT_MODEL, agreement_steps) if agreement_steps else None
     if agreement:
         log(f"bf16 vs fp32 top-1 agreement: {agreement}")
@@ -307,16 +288,23 @@ def _meta(device: torch.device) -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return dict(finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), command=" ".join(sys.argv),
                 torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(), device=str(device),
-                processor=platform.processor() or platform.machine(), loadavg=load)
+                processor=platform.processor() or platform.machine(), loadavg=load,
+                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
 
 
 def format_table(result: dict) -> str:
     """Markdown tables of the timing rows and the memory rows."""
-    lines = ["| model | task | batch | mode | s/step | images/s | × reference | GFLOP/s | % of matmul rate |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    gpu = any(r.get("peak_mb") is not None for r in result["rows"])
+    lines = ["| model | task | batch | mode | s/step | images/s | × reference | GFLOP/s | % of matmul rate |"
+             + (" peak MB |" if gpu else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
     for r in result["rows"]:
+        if r.get("out_of_memory"):
+            lines.append(f"| {r['model']} | {r['task']} | {r['batch']} | {r['mode']} | out of memory |||||" + ("|" if gpu else ""))
+            continue
         lines.append(f"| {r['model']} | {r['task']} | {r['batch']} | {r['mode']} | {r['seconds']:.3f} | "
-                     f"{r['images_per_s']:.1f} | {r['speedup']:.2f} | {r['gflops']:.0f} | {100 * r['of_peak']:.0f} |")
+                     f"{r['images_per_s']:.1f} | {r['speedup']:.2f} | {r['gflops']:.0f} | {100 * r['of_peak']:.0f} |"
+                     + (f" {r['peak_mb']:.0f} |" if gpu else ""))
     if result["memory"]:
         lines += ["", "| model | train batch | mode | peak RSS MB | step MB | × reference |", "|---|---|---|---|---|---|"]
         for m in result["memory"]:
@@ -333,33 +321,47 @@ def format_table(result: dict) -> str:
 # ---- command line ---------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help=f"{', '.join(QUICK_MODELS)}, batch 8 only, 2 repeats")
+    parser.add_argument("--gpu", action="store_true",
+                        help=f"the GPU preset on cuda: {', '.join(GPU_MODELS)}, inference at batch 256 and training at "
+                        "64/128/256, every mode (compiled ones too), GPU peak memory")
     parser.add_argument("--models", nargs="+", choices=MODELS, help="models to measure (default: all four)")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="reference is always added")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 3, quick 2)")
-    parser.add_argument("--compile-models", nargs="*", default=list(COMPILE_MODELS), choices=MODELS,
-                        help=f"models also measured compiled, at batch {COMPILE_BATCH} (inductor; slow to compile)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=None,
+                        help=f"default: {' '.join(DEFAULT_MODES)} (--gpu: all); reference is always added")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 3, quick 2, gpu 5)")
+    parser.add_argument("--compile-models", nargs="*", default=None, choices=MODELS,
+                        help=f"models also measured compiled (default {' '.join(COMPILE_MODELS)}, at batch "
+                        f"{COMPILE_BATCH}; --gpu: every model and batch); inductor is slow to compile on a CPU")
     parser.add_argument("--agreement-steps", type=int, default=None,
                         help=f"train {AGREEMENT_MODEL} this many steps on digits, then bf16-vs-fp32 top-1 agreement "
-                        "on the held-out 20%% (default 120, quick 0 = skip)")
+                        "on the held-out 20%% (default 120, quick and gpu 0 = skip)")
+    parser.add_argument("--tasks", nargs="+", type=_task, default=None, metavar="TASK:BATCH",
+                        help="e.g. train:64 infer:256 (default: infer:1 infer:8 infer:32 train:8; quick: infer:8 "
+                        "train:8; gpu: " + " ".join(f"{t}:{b}" for t, b in GPU_TASKS) + ")")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default cpu; --gpu: cuda)")
     parser.add_argument("--json", default="benchmarks/results.json", help="where to write the results")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = torch.device(args.device or ("cuda" if args.gpu else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise T2TViTError("--device cuda was given but no CUDA device is available")
-    modes = ["reference", *(m for m in args.modes if m != "reference")]
-    if args.quick:
+        raise T2TViTError(f"{'--gpu' if args.gpu else '--device cuda'} was given but no CUDA device is available")
+    modes = ["reference", *(m for m in args.modes or (MODES if args.gpu else DEFAULT_MODES) if m != "reference")]
+    compile_models, compile_batches = args.compile_models, (COMPILE_BATCH,)
+    if args.gpu:
+        models, tasks, repeats = args.models or GPU_MODELS, list(GPU_TASKS), args.repeats or 5
+        compile_models, compile_batches = compile_models if compile_models is not None else models, None
+    elif args.quick:
         models, tasks, repeats = args.models or QUICK_MODELS, [("infer", 8), ("train", 8)], args.repeats or 2
     else:
         models, tasks, repeats = args.models or MODELS, [("infer", 1), ("infer", 8), ("infer", 32), ("train", 8)], args.repeats or 3
+    tasks = args.tasks or tasks
+    agreement_steps = args.agreement_steps if args.agreement_steps is not None else (0 if args.quick or args.gpu else 120)
     result = run_suite(models, modes, tasks, repeats, memory_batch=8, device=device,
-                       log=lambda s: print(s, flush=True), compile_models=args.compile_models,
-                       agreement_steps=args.agreement_steps if args.agreement_steps is not None else (0 if args.quick else 120))
+                       log=lambda s: print(s, flush=True), compile_models=COMPILE_MODELS if compile_models is None else compile_models,
+                       agreement_steps=agreement_steps, compile_batches=compile_batches)
     print(format_table(result))
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
@@ -367,6 +369,13 @@ def run(args: argparse.Namespace) -> int:
             json.dump(result, out, indent=1)
         print(f"wrote {args.json}")
     return 0
+
+
+def _task(text: str) -> tuple[str, int]:
+    task, _, batch = text.partition(":")
+    if task not in ("infer", "train") or not batch.isdigit() or int(batch) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not TASK:BATCH with TASK infer or train, e.g. train:64")
+    return task, int(batch)
 
 
 def register(subparsers) -> None:
