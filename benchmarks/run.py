@@ -12,10 +12,12 @@ import sys
 
 from t2t_vit.bench import add_arguments, run
 from t2t_vit.errors import T2TViTError
+from t2t_vit.runtime import tune_for_command
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
+    tune_for_command()  # as `t2t-vit bench` does
     try:
         sys.exit(run(parser.parse_args()))
     except T2TViTError as err:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 import t2t_vit
 from t2t_vit.agreement import digits_agreement
 from t2t_vit.errors import T2TViTError
+from t2t_vit.runtime import keep_freed_memory, malloc_tuned
 from t2t_vit.t2t import SoftSplit, TokenPerformer
 
 MODELS = ("t2t_vit_7", "t2t_vit_14", "t2t_vit_t_14", "t2t_vit_24")
@@ -157,9 +158,11 @@ def rss_mb() -> tuple[float, float]:
     return values.get("VmRSS", float("nan")), values.get("VmHWM", float("nan"))
 
 
-def _memory_child(name: str, mode: str, batch: int, img_size: int, threads: int) -> None:
+def _memory_child(name: str, mode: str, batch: int, img_size: int, threads: int, tuned: bool = False) -> None:
     """Runs in a fresh interpreter: build, one training step, print RSS figures as JSON."""
     torch.set_num_threads(threads)
+    if tuned:  # the same allocator settings as the parent
+        keep_freed_memory()
     images, labels = torch.randn(batch, 3, img_size, img_size), torch.randint(0, 1000, (batch,))
     baseline, _ = rss_mb()
     model = build_case(name, mode, img_size=img_size)
@@ -174,7 +177,7 @@ def training_memory(name: str, mode: str, batch: int, img_size: int = 224) -> di
     ``step_mb`` is the peak minus the RSS before the model was built: weights, gradients,
     optimizer state and activations, without the interpreter and libraries.
     """
-    code = f"from t2t_vit.bench import _memory_child; _memory_child({name!r}, {mode!r}, {batch}, {img_size}, {torch.get_num_threads()})"
+    code = f"from t2t_vit.bench import _memory_child; _memory_child({name!r}, {mode!r}, {batch}, {img_size}, {torch.get_num_threads()}, {malloc_tuned()})"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
     if done.returncode != 0:
         raise T2TViTError(f"memory measurement of {name} ({mode}) failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -288,7 +291,7 @@ def _meta(device: torch.device) -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return dict(finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), command=" ".join(sys.argv),
                 torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(), device=str(device),
-                processor=platform.processor() or platform.machine(), loadavg=load,
+                processor=platform.processor() or platform.machine(), loadavg=load, malloc_tuned=malloc_tuned(),
                 gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
 
 

@@ -11,6 +11,7 @@ import os
 import sys
 
 from t2t_vit.errors import T2TViTError
+from t2t_vit.runtime import tune_for_command
 
 # Modules that contribute subcommands, in the order `--help` lists them.
 COMMAND_MODULES = [
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    tune_for_command()
     try:
         result = args.func(args)
     except T2TViTError as err:
