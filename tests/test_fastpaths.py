@@ -146,6 +146,8 @@ def test_linear_reuses_its_autocast_copy_and_notices_weight_changes():
     layer.load_state_dict(torch.nn.Linear(16, 8).state_dict())
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    layer.to(torch.float64)  # a move or cast drops the copy instead of keeping it alive
+    assert layer._cast is None
 
 
 def test_linear_cache_stays_out_of_training_and_can_be_switched_off():

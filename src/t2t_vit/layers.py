@@ -57,6 +57,10 @@ class Linear(nn.Linear):
         _, weight, bias = self._autocast_copy(torch.get_autocast_dtype(device))
         return F.linear(x, weight, bias)
 
+    def _apply(self, fn, recurse: bool = True):
+        self._cast = None  # .to() / .cuda() / .half(): the old copy would only hold memory
+        return super()._apply(fn, recurse)
+
     def _autocast_copy(self, dtype: torch.dtype) -> tuple:
         tensors = [t for t in (self.weight, self.bias) if t is not None]
         key = (dtype, *((t.device, t.data_ptr(), t._version) for t in tensors))
