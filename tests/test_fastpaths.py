@@ -166,6 +166,14 @@ def test_linear_cache_stays_out_of_training_and_can_be_switched_off():
             assert built_here(x).dtype == torch.bfloat16 and built_here._cast is None
 
 
+def test_performer_feature_map_gradient_is_finite_at_zero_tokens():
+    # At init, zero-padded corner patches give exactly-zero q/k (zero biases): ‖t‖ has no gradient there.
+    module = TokenPerformer(27, 16)
+    x = torch.zeros(1, 4, 16, requires_grad=True)
+    module.feature_map(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
 @pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
 def test_model_fast_path_matches_reference_forward_and_backward(name):
     fast, ref = tiny(name), tiny(name)
