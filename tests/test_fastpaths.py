@@ -353,3 +353,21 @@ def test_command_applies_the_allocator_settings_unless_told_not_to(monkeypatch):
     assert runtime.tune_for_command() is True and calls == [1]
     monkeypatch.setattr(cli, "tune_for_command", lambda: calls.append(2))
     assert cli.main(["profile", "t2t_vit_7"]) == 0 and calls == [1, 2]
+
+
+def test_bench_reports_a_case_that_runs_out_of_memory_and_goes_on(monkeypatch):
+    import t2t_vit.bench as bench
+
+    real = bench._warm_case
+
+    def warm(name, mode, *args):
+        if mode == "fp32":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(name, mode, *args)
+
+    monkeypatch.setattr(bench, "_warm_case", warm)
+    logged = []
+    rows = bench_model("t2t_vit_7", ["reference", "fp32"], [("infer", 1)], repeats=1, device=torch.device("cpu"),
+                       img_size=32, log=logged.append)
+    assert [(r["mode"], r.get("out_of_memory", False)) for r in rows] == [("fp32", True), ("reference", False)]
+    assert logged == ["t2t_vit_7 infer batch 1 fp32: out of memory"]

@@ -211,10 +211,12 @@ def bench_model(
                 continue
             try:
                 steps[mode], peaks[mode] = _warm_case(name, mode, task, state, images, labels, img_size)
+                continue
             except torch.OutOfMemoryError:
-                log(f"{name} {task} batch {batch} {mode}: out of memory")
-                rows.append(dict(model=name, task=task, batch=batch, mode=mode, out_of_memory=True))
-                _release(device)
+                pass  # released only once the traceback (and the half-built case it holds) is gone
+            log(f"{name} {task} batch {batch} {mode}: out of memory")
+            rows.append(dict(model=name, task=task, batch=batch, mode=mode, out_of_memory=True))
+            _release(device)
         times = time_alternating(steps, repeats, device, warm_up=False)
         ref = statistics.median(times["reference"]) if "reference" in times else float("nan")
         for mode, seconds in times.items():
