@@ -104,3 +104,19 @@ def test_predict_text_output_and_all_unreadable(small_checkpoint, images, capsys
     assert sum(probs) == pytest.approx(100, abs=0.05) and probs == sorted(probs, reverse=True)
     with pytest.raises(T2TViTError, match="none of the images"):
         run_cli("predict", str(bad), "--checkpoint", str(path), "--device", "cpu")
+
+
+def test_predict_in_bf16_runs_under_autocast_and_agrees(small_checkpoint, images, monkeypatch):
+    model, _ = small_checkpoint
+    pictures = [Image.open(p).convert("RGB") for p in images[0]]
+    seen = []
+    hook = model.head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    try:
+        fp32 = predict.predict(model, pictures, ["cat", "dog", "ship"], topk=3)
+        bf16 = predict.predict(model, pictures, ["cat", "dog", "ship"], topk=3, precision="bf16")
+    finally:
+        hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]
+    for a, b in zip(fp32, bf16):
+        assert sum(p for *_, p in b) == pytest.approx(1.0, abs=1e-5)  # softmax in fp32 over all 3 classes
+        assert [p for *_, p in a] == pytest.approx([p for *_, p in b], abs=0.02)
