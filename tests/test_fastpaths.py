@@ -150,6 +150,57 @@ def test_linear_reuses_its_autocast_copy_and_notices_weight_changes():
     assert layer._cast is None
 
 
+def test_linear_cache_sees_replaced_and_parametrized_weights():
+    torch.manual_seed(0)
+    layer = Linear(16, 8)
+    x = torch.randn(4, 16)
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return layer(x)
+
+    def expected() -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.linear(x, layer.weight, layer.bias)
+
+    run()
+    for _ in range(3):  # new Parameter objects: new storage, fresh version counters
+        del layer.weight
+        layer.weight = torch.nn.Parameter(torch.randn(8, 16))
+        assert torch.equal(run(), expected())
+    torch.nn.utils.parametrizations.weight_norm(layer)  # weight recomputed on every access: never cached
+    with torch.no_grad():
+        layer.parametrizations.weight.original1.mul_(3)
+    assert torch.equal(run(), expected())
+
+
+def test_ema_model_evaluated_in_bf16_sees_every_ema_update():
+    # The trainer evaluates timm's EMA copy under no_grad + autocast after each update.
+    from timm.utils import ModelEmaV3
+
+    model = tiny()
+    ema = ModelEmaV3(model, decay=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    x = torch.randn(4, 3, 16, 16)
+
+    def ema_logits(cached: bool) -> torch.Tensor:
+        for module in ema.module.modules():
+            if isinstance(module, Linear):
+                module.cache_cast = cached
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return ema.module(x)
+
+    for _ in range(2):
+        before = ema_logits(cached=True)
+        model(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update(model)
+        after = ema_logits(cached=True)
+        assert not torch.equal(before, after)
+        assert torch.equal(after, ema_logits(cached=False))  # exactly what autocast alone computes
+
+
 def test_linear_cache_stays_out_of_training_and_can_be_switched_off():
     layer = Linear(16, 8)
     x = torch.randn(4, 16)

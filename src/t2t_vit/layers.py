@@ -7,6 +7,8 @@ Attention has two paths that compute the same function: the fused
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -38,10 +40,14 @@ class Linear(nn.Linear):
     exactly what autocast computes; with gradients on, or when compiling, it is plain
     ``nn.Linear`` (autocast's own per-forward cache serves training). Set ``cache_cast = False``
     (on the class or one layer) to trade the speed for the copy's memory (half the fp32 weights).
+
+    Writes through ``weight.data`` bypass the version counter (PyTorch's documented hazard of
+    ``.data``) and are not seen: update weights in place under ``torch.no_grad()`` as optimizers,
+    EMA helpers and ``load_state_dict`` do, or switch the cache off.
     """
 
     cache_cast: bool = True
-    _cast: tuple | None = None  # (key, weight, bias) in the autocast dtype
+    _cast: tuple | None = None  # (key, weight, bias in the autocast dtype, weak refs to the sources)
 
     def forward(self, x: Tensor) -> Tensor:
         device = x.device.type
@@ -52,9 +58,10 @@ class Linear(nn.Linear):
             or not torch.is_autocast_enabled(device)
             or torch.compiler.is_compiling()
             or self.weight.is_inference()  # built under inference_mode: no version counter to watch
+            or not isinstance(self.weight, nn.Parameter)  # e.g. parametrized: recomputed on every access
         ):
             return super().forward(x)
-        _, weight, bias = self._autocast_copy(torch.get_autocast_dtype(device))
+        _, weight, bias, _ = self._autocast_copy(torch.get_autocast_dtype(device))
         return F.linear(x, weight, bias)
 
     def _apply(self, fn, recurse: bool = True):
@@ -64,9 +71,11 @@ class Linear(nn.Linear):
     def _autocast_copy(self, dtype: torch.dtype) -> tuple:
         tensors = [t for t in (self.weight, self.bias) if t is not None]
         key = (dtype, *((t.device, t.data_ptr(), t._version) for t in tensors))
-        if self._cast is None or self._cast[0] != key:
+        # Same tensor objects too (weak references): a replaced Parameter can reuse the old one's
+        # address with a fresh version counter.
+        if self._cast is None or self._cast[0] != key or any(r() is not t for r, t in zip(self._cast[3], tensors)):
             bias = self.bias.to(dtype) if self.bias is not None else None
-            self._cast = (key, self.weight.to(dtype), bias)
+            self._cast = (key, self.weight.to(dtype), bias, [weakref.ref(t) for t in tensors])
         return self._cast
 
 
