@@ -1,9 +1,9 @@
 """Benchmarks of the fast paths against the reference formulation (also `t2t-vit bench`).
 
 The *reference formulation* is the model with every fast path off: plain softmax attention, the
-Performer as the paper's code writes it (einsums, normaliser repeated over the width), fp32, no
-compile. Each fast path is measured against it in the same run: ``fp32`` (fused attention and
-the matmul-form Performer, the library defaults), ``bf16`` (the defaults under CPU/GPU bf16
+Performer as the paper's code writes it (einsums, normaliser repeated over the width), soft
+splits by ``nn.Unfold``, fp32, no compile. Each fast path is measured against it in the same run: ``fp32`` (fused attention, the
+matmul-form Performer and the strided soft split: the library defaults), ``bf16`` (the defaults under CPU/GPU bf16
 autocast), ``compile`` (the defaults under ``torch.compile``) and ``compile-bf16`` (both). Cases
 are timed in alternation (A, B, C, A, B, C, ...) and medians reported, because absolute times on a
 shared machine are noise. ``--gpu`` runs the GPU preset: large batches, every mode compiled, peak
@@ -51,8 +51,9 @@ def reference_formulation(model: nn.Module, enable: bool = True) -> nn.Module:
     """Turn every fast path of ``model`` off (``enable=False`` turns them back on); returns it.
 
     Plain softmax attention instead of the fused kernel, the einsum Performer instead of the
-    matmul form, and ``nn.Unfold`` + transpose instead of the strided soft split. Weights and state-dict layout are untouched; precision and compile are up to
-    the caller (the reference runs in fp32, eager).
+    matmul form, and ``nn.Unfold`` + transpose instead of the strided soft split. Weights and
+    state-dict layout are untouched; precision and compile are up to the caller (the reference
+    runs in fp32, eager).
     """
     t2t_vit.set_fused_attn(model, not enable)
     for module in model.modules():
