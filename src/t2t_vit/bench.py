@@ -2,12 +2,13 @@
 
 The *reference formulation* is the model with every fast path off: plain softmax attention, the
 Performer as the paper's code writes it (einsums, normaliser repeated over the width), soft
-splits by ``nn.Unfold``, fp32, no compile. Each fast path is measured against it in the same run: ``fp32`` (fused attention, the
-matmul-form Performer and the strided soft split: the library defaults), ``bf16`` (the defaults under CPU/GPU bf16
-autocast), ``compile`` (the defaults under ``torch.compile``) and ``compile-bf16`` (both). Cases
-are timed in alternation (A, B, C, A, B, C, ...) and medians reported, because absolute times on a
-shared machine are noise. ``--gpu`` runs the GPU preset: large batches, every mode compiled, peak
-memory from ``torch.cuda.max_memory_allocated``.
+splits by ``nn.Unfold``, fp32, no compile. Each fast path is measured against it in the same run:
+``fp32`` (fused attention, the matmul-form Performer and the strided soft split: the library
+defaults), ``bf16`` (the defaults under CPU/GPU bf16 autocast), ``compile`` (the defaults under
+``torch.compile``) and ``compile-bf16`` (both). Cases are timed in alternation (A, B, C, A, B, C,
+...) and medians reported, because absolute times on a shared machine are noise. ``--gpu`` runs
+the GPU preset: large batches, every mode compiled, peak memory from
+``torch.cuda.max_memory_allocated``.
 """
 from __future__ import annotations
 
