@@ -13,7 +13,6 @@ the GPU preset: large batches, every mode compiled, peak memory from
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -33,6 +32,7 @@ from t2t_vit.agreement import digits_agreement
 from t2t_vit.errors import T2TViTError
 from t2t_vit.runtime import keep_freed_memory, malloc_tuned
 from t2t_vit.t2t import SoftSplit, TokenPerformer
+from t2t_vit.train.evaluate import autocast
 
 MODELS = ("t2t_vit_7", "t2t_vit_14", "t2t_vit_t_14", "t2t_vit_24")
 QUICK_MODELS = ("t2t_vit_14", "t2t_vit_t_14")
@@ -65,11 +65,6 @@ def reference_formulation(model: nn.Module, enable: bool = True) -> nn.Module:
     return model
 
 
-def autocast(device: torch.device | str, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on ``device`` (a no-op context when not ``enabled``)."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
-
-
 def build_case(name: str, mode: str, state: dict | None = None, **model_kwargs) -> nn.Module:
     """The model ``name`` set up for ``mode`` (one of :data:`MODES`), optionally with given weights."""
     if mode not in MODES:
@@ -86,13 +81,13 @@ def build_case(name: str, mode: str, state: dict | None = None, **model_kwargs) 
 
 def make_step(model: nn.Module, mode: str, task: str, images: Tensor, labels: Tensor) -> Callable[[], None]:
     """A closure running one inference forward or one SGD training step of ``model``."""
-    use_bf16 = mode.endswith("bf16")
+    precision = "bf16" if mode.endswith("bf16") else "fp32"
     device = images.device
     if task == "infer":
         model.eval()
 
         def infer() -> None:
-            with torch.inference_mode(), autocast(device, use_bf16):
+            with torch.inference_mode(), autocast(device, precision):
                 model(images)
 
         return infer
@@ -100,7 +95,7 @@ def make_step(model: nn.Module, mode: str, task: str, images: Tensor, labels: Te
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
 
     def train() -> None:
-        with autocast(device, use_bf16):
+        with autocast(device, precision):
             loss = F.cross_entropy(model(images), labels)
         loss.backward()
         optimizer.step()
