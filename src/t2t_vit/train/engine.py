@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from t2t_vit.errors import T2TViTError
+from t2t_vit.storage import atomic_write
 from t2t_vit.train import recipe, report, state as ckpt
 from t2t_vit.train.config import TrainConfig
 from t2t_vit.train.distributed import (ShardedSampler, World, all_reduce_sum, barrier, broadcast_flag, close_world,
@@ -239,8 +240,8 @@ class Run:
 
             import yaml
 
-            with open(os.path.join(self.out, "config.yaml"), "w") as f:
-                yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+            config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+            atomic_write(os.path.join(self.out, "config.yaml"), config_text.encode())
             self.tb = SummaryWriter(os.path.join(self.out, "tensorboard"))
         n_params = sum(p.numel() for p in self.net.parameters()) / 1e6
         self.log.line(f"training {cfg.model} ({n_params:.2f}M params) on {cfg.data}: {self.num_classes} classes, "

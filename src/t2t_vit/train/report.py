@@ -3,25 +3,25 @@ and the progress shown while it runs (tqdm on a terminal, plain periodic lines o
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
 import time
 from typing import Any
 
-from t2t_vit.train.state import atomic_write
+from t2t_vit.storage import atomic_write
 
 HISTORY_FIELDS = ["epoch", "step", "lr", "train_loss", "val_loss", "val_top1", "val_top5",
                   "ema_val_loss", "ema_val_top1", "ema_val_top5", "train_seconds"]
 
 
 def write_history(folder: str, rows: list[dict[str, Any]]) -> None:
-    path = os.path.join(folder, "history.csv")
-    with open(path + ".tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(path + ".tmp", path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(os.path.join(folder, "history.csv"), text.getvalue().encode())
 
 
 def write_json(path: str, values: dict[str, Any]) -> None:
