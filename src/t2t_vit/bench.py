@@ -13,7 +13,6 @@ the GPU preset: large batches, every mode compiled, peak memory from
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -236,7 +235,7 @@ def _warm_case(
         torch.cuda.synchronize(device)
         baseline = torch.cuda.memory_allocated(device)  # the cases built before this one
         torch.cuda.reset_peak_memory_stats(device)
-    model = build_case(name, mode, copy.deepcopy(state), img_size=img_size).to(device)
+    model = build_case(name, mode, state, img_size=img_size).to(device)  # load_state_dict copies
     step = make_step(model, mode, task, images, labels)
     step()
     if device.type != "cuda":
