@@ -1,4 +1,8 @@
 """The one exception type users see: the CLI prints it as one line and exits with code 2."""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
 
 
 class T2TViTError(Exception):
@@ -8,3 +12,24 @@ class T2TViTError(Exception):
     """
 
     exit_code = 2
+
+
+class MissingDependency(T2TViTError):
+    """An optional package is not installed; the message names the extra that brings it."""
+
+
+def require(module: str, extra: str, purpose: str) -> ModuleType:
+    """Import an optional dependency, or raise one sentence naming what to install.
+
+    Args:
+        module: the import name, e.g. ``"onnxscript"``.
+        extra: the package extra that installs it, e.g. ``"export"``.
+        purpose: what needs it, e.g. ``"ONNX export"``.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MissingDependency(
+            f"{purpose} needs the optional package {module!r}, which is not installed; "
+            f"install it with: pip install 't2t-vit[{extra}]'"
+        ) from err
