@@ -40,6 +40,8 @@ class T2TViT(nn.Module):
         block: "standard", "se" or "ghost".
         dense_stages / growth: dense connectivity (blocks per stage, channels each block adds).
         dynamic_img_size: accept other input sizes by resampling the position table on the fly.
+        t2t_kernel_ratio / t2t_drop_rate: the Performer T2T layer's random features per token
+            width and its dropout (the authors' 0.5 and 0.1); small-data studies vary them.
     """
 
     def __init__(
@@ -66,6 +68,8 @@ class T2TViT(nn.Module):
         global_pool: str = "token",
         dynamic_img_size: bool = False,
         fused_attn: bool = True,
+        t2t_kernel_ratio: float = 0.5,
+        t2t_drop_rate: float = 0.1,
     ) -> None:
         super().__init__()
         if global_pool not in ("token", "avg", ""):
@@ -79,7 +83,10 @@ class T2TViT(nn.Module):
         self.embed_dim = embed_dim
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.tokens_to_token = build_tokenizer(tokenizer, in_chans, embed_dim, token_dim, stem, patch_size)
+        self.tokens_to_token = build_tokenizer(
+            tokenizer, in_chans, embed_dim, token_dim, stem, patch_size,
+            kernel_ratio=t2t_kernel_ratio, drop_rate=t2t_drop_rate,
+        )
         self.grid_size = self.tokens_to_token.grid(self.img_size)
         num_tokens = self.grid_size[0] * self.grid_size[1]
         self.pos_embed = nn.Parameter(sinusoid_table(num_tokens + 1, embed_dim), requires_grad=False)

@@ -51,3 +51,10 @@ def tune_for_command() -> bool:
 def malloc_tuned() -> bool:
     """Whether :func:`keep_freed_memory` has taken effect in this process."""
     return _applied
+
+
+def default_device() -> str:
+    """The device commands use when none is given: the first GPU if there is one, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

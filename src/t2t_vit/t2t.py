@@ -224,6 +224,8 @@ class T2TModule(nn.Module):
         token_dim: int = 64,
         layer: str = "performer",
         stem: str | Sequence[SoftSplitSpec] = "imagenet",
+        kernel_ratio: float = 0.5,
+        drop_rate: float = 0.1,
     ) -> None:
         super().__init__()
         if layer not in T2T_LAYERS:
@@ -234,7 +236,8 @@ class T2TModule(nn.Module):
             self.add_module(f"soft_split{index}", SoftSplit(kernel, stride, padding))
             width = width * kernel * kernel
             if index < len(self.specs) - 1:
-                self.add_module(f"attention{index + 1}", T2T_LAYERS[layer](width, token_dim))
+                performer = dict(kernel_ratio=kernel_ratio, drop=drop_rate) if layer == "performer" else {}
+                self.add_module(f"attention{index + 1}", T2T_LAYERS[layer](width, token_dim, **performer))
                 width = token_dim
         self.project = Linear(width, embed_dim)
 
@@ -317,10 +320,17 @@ def build_tokenizer(
     token_dim: int = 64,
     stem: str | Sequence[SoftSplitSpec] = "imagenet",
     patch_size: int = 16,
+    kernel_ratio: float = 0.5,
+    drop_rate: float = 0.1,
 ) -> nn.Module:
-    """``kind``: "performer" or "transformer" (the T2T module), "conv" (T2T-ViTc) or "patch" (ViT)."""
+    """``kind``: "performer" or "transformer" (the T2T module), "conv" (T2T-ViTc) or "patch" (ViT).
+
+    ``kernel_ratio`` (random features per token width) and ``drop_rate`` configure the Performer
+    T2T layer only; the authors use 0.5 and 0.1.
+    """
     if kind in T2T_LAYERS:
-        return T2TModule(in_chans, embed_dim, token_dim, layer=kind, stem=stem)
+        return T2TModule(in_chans, embed_dim, token_dim, layer=kind, stem=stem,
+                         kernel_ratio=kernel_ratio, drop_rate=drop_rate)
     if kind == "conv":
         return ConvTokenizer(in_chans, embed_dim, token_dim, stem=stem)
     if kind == "patch":
