@@ -1,7 +1,9 @@
 """torch.hub entry points: ``torch.hub.load("<repo dir>", "t2t_vit_14", source="local")``.
 
-One entry point per registered model, generated from :func:`t2t_vit.list_models`. Nothing is
-downloaded: pass ``checkpoint_path=`` (with ``pretrained=True``) to load local weights.
+One entry point per registered model, generated from :func:`t2t_vit.list_models`.
+``pretrained=True`` downloads the authors' released weights once (the model's default tag, or
+``tag="in1k_384"``...); ``checkpoint_path=`` loads a local file instead and builds the model that
+file describes (its stored ``model_kwargs``, image size and class count), so nothing is downloaded.
 """
 import sys as _sys
 from pathlib import Path as _Path
@@ -16,8 +18,10 @@ import t2t_vit as _t2t_vit  # noqa: E402
 
 
 def _entrypoint(name):
-    def entrypoint(pretrained=False, checkpoint_path=None, **kwargs):
-        return _t2t_vit.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path, **kwargs)
+    def entrypoint(pretrained=False, checkpoint_path=None, tag=None, **kwargs):
+        if checkpoint_path:
+            return _t2t_vit.model_from_checkpoint(checkpoint_path, name, **kwargs)
+        return _t2t_vit.create_model(f"{name}.{tag}" if tag else name, pretrained=pretrained, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__doc__ = _t2t_vit.VARIANTS[name].note or f"{name} (T2T-ViT); kwargs go to t2t_vit.create_model."

@@ -9,7 +9,10 @@ from typing import Any
 
 import timm
 
-from t2t_vit.checkpoint import load_checkpoint, read_metadata, read_state_dict, save_weights
+from t2t_vit.checkpoint import (
+    LoadReport, adapt_state_dict, load_checkpoint, model_from_checkpoint, read_checkpoint, read_metadata,
+    read_state_dict, save_weights,
+)
 from t2t_vit.errors import T2TViTError
 from t2t_vit.model import T2TViT, set_fused_attn
 from t2t_vit.pretrained import from_pretrained, save_pretrained
@@ -19,41 +22,46 @@ __version__ = "0.1.0"
 __all__ = [
     "T2TViT", "T2TViTError", "VARIANTS", "create_model", "list_models", "set_fused_attn", "__version__",
     "load_checkpoint", "read_state_dict", "read_metadata", "save_weights", "save_pretrained", "from_pretrained",
+    "read_checkpoint", "adapt_state_dict", "model_from_checkpoint", "LoadReport",
 ]
 
 
 def create_model(
     name: str,
     pretrained: bool = False,
-    num_classes: int = 1000,
-    img_size: int | tuple[int, int] = 224,
+    num_classes: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
     checkpoint_path: str | None = None,
     **kwargs: Any,
 ) -> T2TViT:
-    """Build a registered T2T-ViT model.
+    """Build a registered T2T-ViT model, optionally with weights.
 
     Args:
-        name: one of :func:`list_models`.
-        pretrained: load weights from ``checkpoint_path`` (nothing is ever downloaded).
-        num_classes: classifier width; 0 gives a feature extractor without head.
-        img_size: input size, int or (height, width).
-        checkpoint_path: a local checkpoint (the authors' ``.pth.tar``, ours, or ``.safetensors``).
+        name: one of :func:`list_models`, optionally with a pretrained tag (``"t2t_vit_14.in1k"``;
+            see ``timm.list_pretrained("t2t_vit*")``).
+        pretrained: load the tag's released weights: downloaded once into torch's cache
+            (``$TORCH_HOME/hub/checkpoints``), read weights-only, EMA copy preferred. With
+            ``checkpoint_path`` that local file is used instead and nothing is downloaded.
+        num_classes: classifier width (default: the tag's, else 1000); 0 gives a feature extractor.
+            A class count other than the weights' keeps a fresh head.
+        img_size: input size, int or (height, width) (default: the tag's, else 224); the position
+            table of loaded weights is resampled to it.
+        checkpoint_path: a local checkpoint (the authors' ``.pth.tar``, ours, ``.safetensors`` or a
+            save_pretrained directory).
         **kwargs: any :class:`T2TViT` argument, e.g. ``stem="small"``, ``drop_path_rate=0.1``.
     """
-    if name not in VARIANTS:
+    arch = name.split(".", 1)[0]
+    if arch not in VARIANTS:
         import difflib
 
-        close = difflib.get_close_matches(name, list(VARIANTS), n=3)
+        close = difflib.get_close_matches(arch, list(VARIANTS), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see `t2t-vit profile --all` for the list"
         raise T2TViTError(f"unknown model {name!r}{hint}")
-    if pretrained and not checkpoint_path:
-        raise T2TViTError(
-            "pretrained=True needs checkpoint_path: this library never downloads weights; "
-            "pass the path of a local checkpoint"
-        )
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size, **kwargs)
+    if "." in name and name not in timm.list_pretrained(arch + ".*"):
+        tags = ", ".join(timm.list_pretrained(arch + ".*")) or "none"
+        raise T2TViTError(f"unknown pretrained tag {name!r}; {arch} has: {tags}")
+    given = {k: v for k, v in dict(num_classes=num_classes, img_size=img_size).items() if v is not None}
+    model = timm.create_model(name, pretrained=pretrained and not checkpoint_path, **given, **kwargs)
     if checkpoint_path:
-        from t2t_vit.checkpoint import load_checkpoint
-
         load_checkpoint(model, checkpoint_path)
     return model

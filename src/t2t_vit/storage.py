@@ -27,7 +27,7 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
-        raise T2TViTError(f"could not write {path}: {err.strerror or err}") from None
+        raise T2TViTError(f"could not write {path}: {err.strerror or err}") from err
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -40,7 +40,7 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     except OSError as err:
         raise T2TViTError(
             f"could not write {path}: {err.strerror or err}; the previous checkpoint is intact"
-        ) from None
+        ) from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

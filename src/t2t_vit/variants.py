@@ -2,19 +2,26 @@
 
 A row holds the architecture (keyword arguments of :class:`T2TViT`), the figures the paper
 reports, and — for the models the authors released — the params/MACs their code measures
-(``../shared/reference/FACTS.md`` §3). The README's model table and the profiler read this
-table; nothing else repeats these numbers.
+(the authors' code counted with ``torch.utils.flop_counter``). The README's model table and the
+profiler read this table; nothing else repeats these numbers. :data:`RELEASES` lists the
+authors' published checkpoints as timm pretrained tags (``t2t_vit_14.in1k`` ...).
 """
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
+from torch import nn
 
+from t2t_vit.adapting import LoadReport, adapt_state_dict, check_fit
+from t2t_vit.errors import T2TViTError
+from t2t_vit.hub import load_released
 from t2t_vit.model import T2TViT
+from t2t_vit.reading import is_safetensors, read_metadata, resolve_path, select_state_dict
 
 
 @dataclass(frozen=True)
@@ -105,29 +112,144 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def _cfg(**overrides: Any) -> dict[str, Any]:
+_FIRST_LAYER = {  # the first layer that reads the image, per tokenizer (timm's ``first_conv``)
+    "performer": "tokens_to_token.attention1.kqv", "transformer": "tokens_to_token.attention1.attn.qkv",
+    "conv": "tokens_to_token.convs.0", "patch": "tokens_to_token.proj",
+}
+RELEASE_URL = "https://github.com/yitu-opensource/T2T-ViT/releases/download/main/"
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # the authors' transfer script
+
+
+@dataclass(frozen=True)
+class Release:
+    """A checkpoint the authors published: its file, their top-1, how they evaluated it."""
+
+    tag: str
+    file: str
+    top1: float
+    dataset: str = "ImageNet-1k"
+    img_size: int = 224
+    num_classes: int = 1000
+    size: int | None = None  # bytes, where a public source lists it
+    eval: dict[str, Any] = field(default_factory=dict)
+
+
+_CIFAR_EVAL = dict(crop_pct=1.0, interpolation="bilinear", mean=CIFAR_MEAN, std=CIFAR_STD)
+RELEASES: dict[str, Release] = {r.tag: r for r in [
+    Release("t2t_vit_7.in1k", "71.7_T2T_ViT_7.pth.tar", 71.7),
+    Release("t2t_vit_10.in1k", "75.2_T2T_ViT_10.pth.tar", 75.2),
+    Release("t2t_vit_12.in1k", "76.5_T2T_ViT_12.pth.tar", 76.5),
+    Release("t2t_vit_14.in1k", "81.5_T2T_ViT_14.pth.tar", 81.5, size=86_212_823),  # OpenVINO model zoo
+    Release("t2t_vit_14.in1k_384", "83.3_T2T_ViT_14.pth.tar", 83.3, img_size=384),
+    Release("t2t_vit_19.in1k", "81.9_T2T_ViT_19.pth.tar", 81.9),
+    Release("t2t_vit_24.in1k", "82.3_T2T_ViT_24.pth.tar", 82.3),
+    Release("t2t_vit_24.tl_in1k", "84.2_T2T_ViT_24.pth.tar", 84.2),
+    Release("t2t_vit_t_14.in1k", "81.7_T2T_ViTt_14.pth.tar", 81.7),
+    Release("t2t_vit_t_19.in1k", "82.4_T2T_ViTt_19.pth.tar", 82.4),
+    Release("t2t_vit_t_24.in1k", "82.6_T2T_ViTt_24.pth.tar", 82.6),
+    Release("t2t_vit_14.in1k_ft_cifar10", "cifar10_t2t-vit_14_98.3.pth", 98.3, "CIFAR-10", num_classes=10,
+            eval=_CIFAR_EVAL),
+    Release("t2t_vit_14.in1k_ft_cifar100", "cirfar100_t2t-vit-14_88.4.pth", 88.4, "CIFAR-100", num_classes=100,
+            eval=_CIFAR_EVAL),  # the file name's spelling is the authors'
+    Release("t2t_vit_19.in1k_ft_cifar10", "cifar10_t2t-vit_19_98.4.pth", 98.4, "CIFAR-10", num_classes=10,
+            eval=_CIFAR_EVAL),
+    Release("t2t_vit_19.in1k_ft_cifar100", "cifar100_t2t-vit-19_89.0.pth", 89.0, "CIFAR-100", num_classes=100,
+            eval=_CIFAR_EVAL),
+]}
+
+
+def _cfg(variant: str, **overrides: Any) -> dict[str, Any]:
     cfg = dict(
         url="", num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=0.9, interpolation="bicubic",
         fixed_input_size=True, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-        first_conv="tokens_to_token.project", classifier="head", paper_ids="arXiv:2101.11986",
+        first_conv=_FIRST_LAYER[VARIANTS[variant].arch["tokenizer"]], classifier="head",
+        paper_ids="arXiv:2101.11986",
         paper_name="Tokens-to-Token ViT: Training Vision Transformers from Scratch on ImageNet",
     )
     cfg.update(overrides)
     return cfg
 
 
+def _release_cfg(release: Release) -> dict[str, Any]:
+    variant = release.tag.split(".")[0]
+    return _cfg(
+        variant, url=RELEASE_URL + release.file, num_classes=release.num_classes,
+        input_size=(3, release.img_size, release.img_size), origin_url="https://github.com/yitu-opensource/T2T-ViT",
+        license="bsd-3-clause-clear", notes=(f"authors' top-1 {release.top1} on {release.dataset}",), **release.eval,
+    )
+
+
+def _default_cfgs() -> dict[str, dict[str, Any]]:
+    cfgs = {tag: _release_cfg(r) for tag, r in RELEASES.items()}
+    released = {tag.split(".")[0] for tag in RELEASES}
+    cfgs.update({name: _cfg(name) for name in VARIANTS if name not in released})
+    return cfgs
+
+
 # timm looks this up by module when a model is registered, so it must exist before registration.
-default_cfgs = generate_default_cfgs({name: _cfg() for name in VARIANTS})
+default_cfgs = generate_default_cfgs(_default_cfgs())
+
+
+def likely_variants(desc: Mapping[str, Any]) -> list[str]:
+    """Names of the variants whose shapes match ``desc`` (from :func:`describe_state_dict`)."""
+    return [
+        name for name, v in VARIANTS.items()
+        if not v.arch.get("dense_stages") and v.arch.get("embed_dim") == desc.get("width")
+        and v.arch.get("depth") == desc.get("depth") and v.arch.get("tokenizer") == desc.get("T2T layer")
+        and v.arch.get("block", "standard") == desc.get("block")
+    ]
+
+
+def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
+    """Adapt a state dict (authors' layout or ours) to ``model`` for timm's pretrained loader.
+
+    timm has already read the file weights-only (EMA preferred, ``module.`` stripped); this unwraps
+    the CIFAR ``net`` layout and our ``ema.`` keys (following the file's ``preferred`` metadata),
+    resamples the position table, keeps the model's head on a class-count change, and raises
+    :class:`T2TViTError` with the same one-line message as :func:`t2t_vit.load_checkpoint` otherwise.
+    """
+    file = getattr(model, "pretrained_cfg", {}).get("file")
+    meta: dict[str, Any] = {}
+    if file:
+        path = resolve_path(file)
+        meta = read_metadata(path) if is_safetensors(path) else {}
+    where = str(file or "<state dict>")
+    chosen, source = select_state_dict(state_dict, None, where, preferred=meta.get("preferred", "ema"))
+    adapted, report = adapt_state_dict(chosen, model, meta, LoadReport(path=where, source=source))
+    check_fit(report, adapted, model, strict=True, new_head=True, guess=_guess)
+    return adapted
+
+
+def _guess(desc: Mapping[str, Any]) -> list[str]:
+    return likely_variants(desc)
+
+
+def _source_is_url(cfg: Mapping[str, Any]) -> bool:
+    """True when timm would fetch ``cfg``'s ``url`` (no file, state dict, hub or local-dir source)."""
+    return bool(cfg.get("url")) and not (cfg.get("file") or cfg.get("state_dict") or cfg.get("hf_hub_id")
+                                         or cfg.get("source") in ("hf-hub", "local-dir"))
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> T2TViT:
-    from t2t_vit.checkpoint import checkpoint_filter_fn
-
+    tag = kwargs.get("pretrained_cfg")
+    if isinstance(tag, str) and tag.startswith("tl_") and "token_label_head" in inspect.signature(T2TViT).parameters:
+        kwargs.setdefault("token_label_head", True)  # Token Labeling checkpoints carry an aux head
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=tag, pretrained_cfg_overlay=kwargs.get(
+        "pretrained_cfg_overlay")).to_dict()
+    download = pretrained and _source_is_url(cfg)
+    if pretrained and not download and not cfg.get("url") and not (cfg.get("file") or cfg.get("state_dict")):
+        raise T2TViTError(f"no released weights for {variant}; pass checkpoint_path= (or pretrained_cfg_overlay="
+                          f"dict(file=...)) with a local checkpoint, or choose one of {', '.join(RELEASES)}")
     arch = {**VARIANTS[variant].arch, **kwargs}
-    return build_model_with_cfg(
-        T2TViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+    model = build_model_with_cfg(
+        T2TViT, variant, pretrained and not download, pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(-3, -2, -1), feature_cls="getter"), **arch,
     )
+    if download:
+        release = RELEASES.get(f"{variant}.{cfg.get('tag')}")
+        target = getattr(model, "model", model)  # (a features_only wrapper keeps the net elsewhere)
+        load_released(target, model.pretrained_cfg, guess=_guess, size=release.size if release else None)
+    return model
 
 
 def _register(variant: Variant) -> None:
