@@ -302,3 +302,31 @@ def test_convert_cli(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("t2t-vit: error: checkpoint") and "width 256" in err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_no_import_cycle_in_src():
+    """No module imports (at any depth, lazily or not) a module that imports it back."""
+    import ast
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    graph: dict[str, set[str]] = {}
+    for file in src.rglob("*.py"):
+        module = ".".join(file.relative_to(src).with_suffix("").parts).removesuffix(".__init__")
+        deps = set()
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("t2t_vit."):
+                deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith("t2t_vit."))
+        graph[module] = deps - {module}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for dep in graph.get(start, ()):
+            if dep == goal or (dep not in seen and not seen.add(dep) and reaches(dep, goal, seen)):
+                return True
+        return False
+
+    loading = ["t2t_vit.reading", "t2t_vit.metadata", "t2t_vit.adapting", "t2t_vit.checkpoint", "t2t_vit.hub",
+               "t2t_vit.variants", "t2t_vit.pretrained", "t2t_vit.storage"]
+    assert [m for m in loading if reaches(m, m, set())] == []

@@ -277,3 +277,15 @@ def test_untagged_variant_has_no_weights_to_download():
         t2t_vit.create_model("vit_s16", pretrained=True)
     with pytest.raises(T2TViTError, match="unknown pretrained tag 't2t_vit_7.in22k'; t2t_vit_7 has: t2t_vit_7.in1k"):
         t2t_vit.create_model("t2t_vit_7.in22k")
+
+
+@pytest.mark.parametrize("name", t2t_vit.list_models())
+def test_first_conv_names_the_first_layer_reading_the_image(name):
+    model = timm.create_model(name, **SMALL) if variants.VARIANTS[name].arch["tokenizer"] != "patch" \
+        else timm.create_model(name, img_size=32)
+    first = model.pretrained_cfg["first_conv"]
+    assert first + ".weight" in model.state_dict()
+    layer = model.get_submodule(first)
+    in_width = layer.weight.shape[1]
+    # the image's channels (patch/conv), or a soft split of them (3 · kernel²) for the T2T layers
+    assert in_width == 3 or (in_width % 3 == 0 and (in_width // 3) ** 0.5 % 1 == 0)
