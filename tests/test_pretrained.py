@@ -168,6 +168,12 @@ def test_download_once_then_offline(monkeypatch, server, tmp_path):
                                     pretrained_cfg_overlay=dict(file=str(local)))):
         torch.testing.assert_close(logits(model), logits(plain), rtol=0, atol=0)
     assert server.requests == [file]
+    # timm's cache_dir= replaces the cache folder
+    serve_tag(monkeypatch, server, "t2t_vit_7.in1k", authors_bytes(ema, plain))
+    elsewhere = tmp_path / "elsewhere"
+    moved = timm.create_model("t2t_vit_7.in1k", pretrained=True, cache_dir=str(elsewhere), **SMALL)
+    assert (elsewhere / file).is_file() and server.requests == [file, file]
+    torch.testing.assert_close(logits(moved), logits(ema), rtol=0, atol=0)
 
 
 def test_new_class_count_and_size_keep_the_body(monkeypatch, server):

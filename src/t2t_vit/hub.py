@@ -68,9 +68,10 @@ def _check(url: str, path: Path, size: int | None, sha256: str | None) -> None:
 
 
 def download_cached(url: str, file_name: str | None = None, size: int | None = None, sha256: str | None = None,
-                    progress: bool = False) -> Path:
-    """The cached copy of ``url``, downloaded first if absent (or of the wrong size)."""
-    folder = cache_dir()
+                    progress: bool = False, folder: str | os.PathLike | None = None) -> Path:
+    """The cached copy of ``url`` in ``folder`` (default :func:`cache_dir`), downloaded first if
+    absent (or of the wrong size)."""
+    folder = Path(folder) if folder else cache_dir()
     path = folder / (file_name or os.path.basename(urlparse(url).path))
     if path.is_file() and (size is None or path.stat().st_size == size):
         return path
@@ -101,10 +102,12 @@ def download_cached(url: str, file_name: str | None = None, size: int | None = N
 
 
 def load_released(model: nn.Module, cfg: Mapping[str, Any], guess: Guess | None = None,
-                  size: int | None = None, sha256: str | None = None) -> LoadReport:
-    """Download (once) the weights ``cfg["url"]`` names and load them into ``model`` (EMA preferred)."""
+                  size: int | None = None, sha256: str | None = None,
+                  folder: str | os.PathLike | None = None) -> LoadReport:
+    """Download (once) the weights ``cfg["url"]`` names and load them into ``model`` (EMA preferred);
+    ``folder`` replaces the cache folder (timm's ``cache_dir=``)."""
     url = cfg["url"]
-    path = download_cached(url, size=size, sha256=sha256)
+    path = download_cached(url, size=size, sha256=sha256, folder=folder)
     try:
         state_dict, source, meta = read_checkpoint(path)
     except T2TViTError as err:

@@ -248,7 +248,8 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> T2TViT:
     if download:
         release = RELEASES.get(f"{variant}.{cfg.get('tag')}")
         target = getattr(model, "model", model)  # (a features_only wrapper keeps the net elsewhere)
-        load_released(target, model.pretrained_cfg, guess=_guess, size=release.size if release else None)
+        load_released(target, model.pretrained_cfg, guess=_guess, size=release.size if release else None,
+                      folder=kwargs.get("cache_dir"))
     return model
 
 
