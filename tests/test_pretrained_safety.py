@@ -89,6 +89,13 @@ def test_bad_metadata_is_one_line(tmp_path, capsys, meta, message):
     assert not out.exists()
 
 
+def test_unrecorded_fields_are_absent(tmp_path):
+    path = ours(tmp_path, img_size=None, stem="", data_config=None)
+    meta = read_metadata(path)
+    assert "img_size" not in meta and "stem" not in meta and "data_config" not in meta
+    assert model_from_checkpoint(path).img_size == (32, 32)  # from model_kwargs
+
+
 def test_metadata_never_selects_a_remote_source(tmp_path, monkeypatch):
     def no_build(*args, **kwargs):
         raise AssertionError("a model was built from a remote-source name")

@@ -151,6 +151,9 @@ def _decode(raw: Mapping[str, str], path: Path | str) -> dict[str, Any]:
 def validate_metadata(raw: Mapping[str, Any], path: Path | str = "<checkpoint>") -> dict[str, Any]:
     """Decode and check a safetensors metadata map; raises :class:`T2TViTError` on a bad value."""
     meta = _decode(raw, path)
+    for key in JSON_FIELDS + ("stem",):
+        if key in meta and meta[key] in (None, ""):
+            del meta[key]  # "not recorded" (e.g. no stem for a timm model, img_size left to the model)
     if "model" in meta and (not isinstance(meta["model"], str) or not meta["model"]):
         raise _fail(path, f"model must be a model name, got {meta['model']!r}")
     if "preferred" in meta and meta["preferred"] not in ("ema", "model"):
