@@ -8,7 +8,7 @@ import time
 
 from t2t_vit.errors import T2TViTError
 from t2t_vit.train.checks import pretrained_tag, read_yaml
-from t2t_vit.train.config import DEMO_RECIPE, FIELDS, TrainConfig, list_recipes, load_config
+from t2t_vit.train.config import DEMO_RECIPE, FIELD_TYPES, FIELDS, TrainConfig, list_recipes, load_config
 
 HELP = {
     "data": "'digits' (built in), an ImageFolder root with train/ and val/, or a CIFAR-10/100 python folder",
@@ -39,6 +39,8 @@ def _parse_value(kind: type, text: str):
 
 
 def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+    """One flag per field; values stay text here and are read in :func:`flag_values`, where a bad
+    value becomes the usual one-line error."""
     flag = "--" + field.name.replace("_", "-")
     hint = HELP.get(field.name, "")
     default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
@@ -46,12 +48,32 @@ def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> Non
     if field.type in ("bool", bool):
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         return
-    kind = str if "str" in str(field.type) and "int" not in str(field.type) else object
-    if field.name == "img_size":
-        convert = lambda s: [int(v) for v in s.replace("x", ",").split(",")] if ("," in s or "x" in s) else int(s)
-    else:
-        convert = lambda s, k=kind: _parse_value(k, s)
-    parser.add_argument(flag, type=convert, default=None, metavar=field.name.upper(), help=text)
+    parser.add_argument(flag, default=None, metavar=field.name.upper(), help=text)
+
+
+def _img_size(text: str) -> int | list[int]:
+    parts = text.replace("x", ",").split(",")
+    try:
+        values = [int(v) for v in parts]
+    except ValueError as err:
+        raise T2TViTError(f"--img-size must be a positive int or H,W, got {text!r}") from err
+    return values[0] if len(values) == 1 else values
+
+
+def flag_values(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields given on the command line, read from their text."""
+    values = {}
+    for name, value in vars(args).items():
+        if name not in FIELDS or value is None:
+            continue
+        if isinstance(value, bool):
+            values[name] = value
+        elif name == "img_size":
+            values[name] = _img_size(value)
+        else:
+            kind = FIELD_TYPES[name][0]
+            values[name] = _parse_value(str if kind == (str,) else object, value)
+    return values
 
 
 def register(subparsers) -> None:
@@ -90,7 +112,7 @@ def base_recipe(args: argparse.Namespace) -> str | None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
+    overrides = flag_values(args)
     tag = pretrained_tag(args.finetune) if args.finetune and not args.model and not args.config else None
     if tag:
         overrides["model"] = tag[0]  # --finetune t2t_vit_14.in1k alone trains a t2t_vit_14
