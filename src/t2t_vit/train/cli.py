@@ -130,7 +130,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from t2t_vit.checkpoint import read_metadata
-    from t2t_vit.data import create_datasets, resolve_workers
+    from t2t_vit.data import available_cores, create_datasets, resolve_workers
     from t2t_vit.pretrained import model_from_checkpoint
     from t2t_vit.runtime import default_device
     from t2t_vit.train.evaluate import evaluate
@@ -152,6 +152,8 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     device = torch.device(default_device())
     workers, _ = resolve_workers(args.workers, bundle, training=False)
+    if device.type == "cpu" and workers:  # intra-op threads and loader workers must not share cores
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), available_cores() - workers)))
     loader = DataLoader(bundle.val, batch_size=args.batch_size, num_workers=workers)
     start = time.perf_counter()
     m = evaluate(model.to(device), loader, device, args.precision)
