@@ -449,3 +449,18 @@ def test_workers_are_capped_at_the_cpu_count(digits, monkeypatch):
         2, "8 loader workers asked for, this machine has 2 CPU(s): using 2")
     assert data.resolve_workers(1, digits, training=True) == (1, "")
     assert data.resolve_workers(None, digits, training=False) == (0, "")  # cached tensors: no workers
+
+
+def test_capped_workers_do_not_make_torch_warn(digits):
+    import warnings
+
+    from t2t_vit.data import resolve_workers
+
+    workers, note = resolve_workers(64, digits, training=True)
+    assert note.startswith("64 loader workers asked for")
+    loader = torch.utils.data.DataLoader(digits.train, num_workers=workers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loader.check_worker_number_rationality()  # torch's own check, which warns above the CPU count
+    with pytest.warns(UserWarning):
+        torch.utils.data.DataLoader(digits.train, num_workers=workers + 1).check_worker_number_rationality()
