@@ -39,14 +39,15 @@ class TrainConfig:
     interpolation: str = "bicubic"
     workers: int | None = None  # loader processes; None: data.default_workers (capped at the CPU count)
     # ---- augmentation (augment=False turns every item below off, mixup and smoothing included).
-    # Defaults are timm's training transform; recipe files set the paper's values.
+    # None: the data set's default (t2t_vit.data.transforms.DATASET_AUGMENT: digits are never
+    # flipped, others get timm's crop and flip); recipe files set the paper's values.
     augment: bool = True
-    scale: list = field(default_factory=lambda: [0.08, 1.0])
-    ratio: list = field(default_factory=lambda: [0.75, 1.3333])
-    hflip: float = 0.5
+    scale: list | None = None
+    ratio: list | None = None
+    hflip: float | None = None
     auto_augment: str | None = None  # ImageNet recipes: "rand-m9-mstd0.5-inc1"
     re_prob: float = 0.0
-    color_jitter: float | None = 0.4
+    color_jitter: float | None = None  # None: off
     train_interpolation: str = "bicubic"
     mixup: float = 0.0
     cutmix: float = 0.0

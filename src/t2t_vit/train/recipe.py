@@ -126,8 +126,13 @@ def augment_options(cfg: TrainConfig) -> dict | None:
     """The data module's timm ``create_transform`` options, or None for deterministic transforms."""
     if not cfg.augment:
         return None
-    return dict(scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip, auto_augment=cfg.auto_augment,
-                re_prob=cfg.re_prob, interpolation=cfg.train_interpolation, color_jitter=cfg.color_jitter)
+    options = dict(auto_augment=cfg.auto_augment, re_prob=cfg.re_prob, interpolation=cfg.train_interpolation,
+                   color_jitter=cfg.color_jitter)
+    for name in ("scale", "ratio", "hflip"):  # None: the data set's default
+        value = getattr(cfg, name)
+        if value is not None:
+            options[name] = tuple(value) if isinstance(value, list) else value
+    return options
 
 
 def lr_now(optimizer: torch.optim.Optimizer) -> float:
