@@ -48,7 +48,7 @@ AUGMENT_KEYS = (
     "train_crop_mode",
 )
 
-# The paper's ImageNet recipe (FACTS §5): RandomResizedCrop with random interpolation, flip,
+# The paper's ImageNet recipe (the authors' training defaults): RandomResizedCrop with random interpolation, flip,
 # RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25 (pixel mode, as in DeiT).
 IMAGENET_AUGMENT: dict[str, Any] = dict(
     scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, vflip=0.0, auto_augment="rand-m9-mstd0.5-inc1",
