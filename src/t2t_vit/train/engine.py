@@ -76,7 +76,7 @@ class Run:
 
     # ---- the run --------------------------------------------------------------------------------
     def run(self, stem: str | None) -> dict[str, Any]:
-        cfg, parts, c = self.cfg, self.parts, self.counters
+        cfg, parts = self.cfg, self.parts
         if stem:
             self.resume(stem)
         elif cfg.resume == "auto":
@@ -86,6 +86,7 @@ class Run:
         self.log.line(f"training {cfg.model} ({n_params:.2f}M params, {_size_text(cfg.img_size)} px) on {cfg.data}: "
                       f"{parts.num_classes} classes, {parts.steps_per_epoch} steps/epoch × {cfg.epochs} epochs, "
                       f"{self.world.size} process(es), output {self.out}")
+        c = self.counters
         try:
             while c.epoch < cfg.epochs and not self.done():
                 self.train_epoch()
@@ -285,10 +286,10 @@ class Run:
         except (ValueError, KeyError, TypeError, RuntimeError) as err:
             raise T2TViTError(f"cannot resume from {stem}: its optimizer state does not fit this run "
                               f"({' '.join(str(err).split())[:200]}); resume with the run's own config.yaml") from err
-        names = [f.name for f in dataclasses.fields(Counters)]
-        self.counters = Counters(**{name: st[name] for name in names})
-        self.counters.history, self.counters.best = list(st["history"]), dict(st["best"])
-        self.counters.epoch_sums = list(st["epoch_sums"])
+        restored = Counters(**{f.name: st[f.name] for f in dataclasses.fields(Counters)})
+        restored.history, restored.best, restored.epoch_sums = list(st["history"]), dict(st["best"]), list(st["epoch_sums"])
+        for f in dataclasses.fields(Counters):  # in place: the loop holds this object
+            setattr(self.counters, f.name, getattr(restored, f.name))
         rank = self.world.rank
         ckpt.set_rng_state(st["rng"][rank] if rank < len(st["rng"]) else st["rng"][0])
         c = self.counters
