@@ -18,7 +18,7 @@ from typing import Any
 
 from t2t_vit.errors import T2TViTError
 from t2t_vit.train import checks
-from t2t_vit.train.checks import coerce, flag, read_yaml
+from t2t_vit.train.checks import coerce, read_yaml
 
 
 @dataclass

@@ -36,19 +36,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     try:
         log = report.Progress(world.is_main, cfg.log_every)
         out = rundir.shared_output(cfg, world)
-        with contextlib.ExitStack() as stack:
-            error = None
-            if world.is_main:
-                try:
-                    stack.enter_context(rundir.lock_output(out))
-                    rundir.check_writable(out)
-                    rundir.resume_stem(cfg, out)
-                except T2TViTError as err:
-                    error = err
-            rundir.agree(error, world)
-            stem = rundir.resume_stem(cfg, out)
-            run = Run(cfg, world, build(cfg, world, log.line), out, log)
-            return run.run(stem)
+        with contextlib.ExitStack() as stack:  # holds the run directory's lock until the run ends
+            stem = rundir.claim(cfg, world, out, stack)
+            parts = build(cfg, world, log.line)
+            return Run(cfg, world, parts, out, log).run(stem)
     finally:
         close_world(world)
 

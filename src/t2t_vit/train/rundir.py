@@ -111,7 +111,17 @@ def resume_stem(cfg: TrainConfig, out: str) -> str | None:
     return None
 
 
-def agree(error: T2TViTError | None, world: World) -> None:
-    """Raise on every rank when rank 0 failed (so the others do not wait for it forever)."""
+def claim(cfg: TrainConfig, world: World, out: str, stack: contextlib.ExitStack) -> str | None:
+    """Rank 0 locks ``out`` (until ``stack`` closes) and checks it; every rank returns the checkpoint
+    stem to resume, or raises when rank 0 failed (so the others do not wait for it forever)."""
+    error = None
+    if world.is_main:
+        try:
+            stack.enter_context(lock_output(out))
+            check_writable(out)
+            resume_stem(cfg, out)
+        except T2TViTError as err:
+            error = err
     if broadcast_flag(error is not None, world):
         raise error or T2TViTError("the main process could not prepare the output directory")
+    return resume_stem(cfg, out)
