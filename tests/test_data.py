@@ -345,16 +345,37 @@ def test_imagefolder_errors(tmp_path, monkeypatch):
         create_datasets(str(tmp_path / "d"), 32, None)
 
 
+def _posterize_op(magnitude):
+    """The PosterizeIncreasing operation of our own RandAugment transform, at a fixed magnitude."""
+    from t2t_vit.data.transforms import augment_ops, build_transforms
+
+    train_tf, *_ = build_transforms("imagefolder", 32, dict(auto_augment="rand-m9-mstd0.5-inc1"), None, "bicubic",
+                                    (0.5,) * 3, (0.5,) * 3)
+    op = next(o for o in augment_ops(train_tf) if o.name == "PosterizeIncreasing")
+    op.prob, op.magnitude, op.magnitude_std = 1.0, magnitude, 0
+    return op
+
+
 def test_randaugment_posterize_zero_bits_does_not_crash():
     """rand-m9-mstd0.5 reaches magnitude 10 = keep 0 bits, which Pillow >= 11 refuses by itself."""
-    from timm.data.auto_augment import AugmentOp
-
     img = _rgb(0)
-    op = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
-    out = np.asarray(op(img))
+    out = np.asarray(_posterize_op(10)(img))
     assert out.shape == (30, 40, 3) and (out == 0).all()
-    four = np.asarray(AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=0)(img))
+    four = np.asarray(_posterize_op(0)(img))
     assert (four == (np.asarray(img) & 0xF0)).all()  # level 0 keeps the 4 high bits
+
+
+def test_importing_data_leaves_timm_ops_alone():
+    """The posterize fix lives in our transforms' own operations, not in timm's global table."""
+    from timm.data import auto_augment
+
+    import t2t_vit.data  # noqa: F401 - importing it must change nothing in timm
+
+    _posterize_op(10)  # building our RandAugment transform must not either
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        assert auto_augment.NAME_TO_OP[name] is auto_augment.posterize, name
+    plain = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=0)
+    assert plain.aug_fn is auto_augment.posterize  # timm's own ops stay timm's
 
 
 def test_worker_processes_survive_bad_files(messy):
@@ -366,3 +387,77 @@ def test_worker_processes_survive_bad_files(messy):
     loader = torch.utils.data.DataLoader(b.train, batch_size=4, num_workers=2)
     labels = [y for _, ys in loader for y in ys.tolist()]
     assert len(labels) == n_files
+
+
+# ---------------------------------------------------------------- hardening
+
+
+@pytest.mark.parametrize("change, needle", [
+    (dict(labels=["a", "b", "c"]), "labels must be integers"),
+    (dict(labels=np.array([1, "x", None], dtype=object)), "labels must be integers"),
+    (dict(data=np.array([[None] * 3072] * 3, dtype=object)), "pixel data must be integers"),
+    (dict(data=np.full((3, 3072), 1000, np.int64)), "outside 0..255"),
+])
+def test_malformed_cifar_batch_is_one_line(cifar10, change, needle):
+    parent, _ = cifar10
+    root = parent / "cifar-10-batches-py"
+    batch = {b"labels": [9, 0, 3], b"data": _cifar_images([9, 0, 3], 0)}
+    batch.update({k.encode(): v for k, v in change.items()})
+    _dump(root / "test_batch", batch)
+    with pytest.raises(T2TViTError, match=needle) as info:
+        create_datasets(str(parent), 32, None)
+    assert len(str(info.value).splitlines()) == 1
+
+
+def test_cifar_int_label_names_are_refused(cifar10):
+    parent, _ = cifar10
+    _dump(parent / "cifar-10-batches-py" / "batches.meta", {b"label_names": list(range(10))})
+    with pytest.raises(T2TViTError, match="list of class names as text"):
+        create_datasets(str(parent), 32, None)
+
+
+def test_symlink_loop_is_not_followed(tmp_path, caplog):
+    """A link back to a parent (a loop) or elsewhere into the tree is skipped and named; each image counts once."""
+    root = tmp_path / "tree"
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / split / cls / f"{i}.png")
+    (root / "train" / "a" / "loop").symlink_to(root / "train" / "a")  # a loop
+    (root / "train" / "a" / "up").symlink_to(root / "train")  # back into the tree, through b too
+    (root / "train" / "b" / "dup.png").symlink_to(root / "train" / "a" / "0.png")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (8, 8)).save(outside / "x.png")
+    (root / "train" / "b" / "extra").symlink_to(outside)  # outside the tree: followed
+    with caplog.at_level(logging.WARNING, logger="t2t_vit.data"):
+        b = create_datasets(str(root), 8, None)
+    assert len(b.train) == 7 and len(b.val) == 6  # 3 + 3 + the outside image
+    assert sorted(os.path.basename(p) for p, _ in b.skipped) == ["dup.png", "loop", "up"]
+    assert all("not followed" in reason for _, reason in b.skipped)
+
+
+def test_workers_are_capped_at_the_cpu_count(digits, monkeypatch):
+    import t2t_vit.data as data
+
+    monkeypatch.setattr(data, "available_cores", lambda: 2)
+    assert data.resolve_workers(8, digits, training=True) == (
+        2, "8 loader workers asked for, this machine has 2 CPU(s): using 2")
+    assert data.resolve_workers(1, digits, training=True) == (1, "")
+    assert data.resolve_workers(None, digits, training=False) == (0, "")  # cached tensors: no workers
+
+
+def test_capped_workers_do_not_make_torch_warn(digits):
+    import warnings
+
+    from t2t_vit.data import resolve_workers
+
+    workers, note = resolve_workers(64, digits, training=True)
+    assert note.startswith("64 loader workers asked for")
+    loader = torch.utils.data.DataLoader(digits.train, num_workers=workers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loader.check_worker_number_rationality()  # torch's own check, which warns above the CPU count
+    with pytest.warns(UserWarning):
+        torch.utils.data.DataLoader(digits.train, num_workers=workers + 1).check_worker_number_rationality()

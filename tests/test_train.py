@@ -125,8 +125,8 @@ def test_every_recipe_file_runs(tmp_path):
 # ---- real training ---------------------------------------------------------------------------------------
 @pytest.mark.e2e
 def test_training_makes_progress_and_writes_outputs(tmp_path):
-    # The demo model and recipe (the TrainConfig defaults), shortened to 3 epochs.
-    cfg = TrainConfig(output=str(tmp_path / "run"), epochs=3, workers=0, threads=1, log_every=1000)
+    # The demo model and recipe (configs/digits.yaml), shortened to 3 epochs.
+    cfg = load_config("digits", dict(output=str(tmp_path / "run"), epochs=3, workers=0, threads=1, log_every=1000))
     metrics = train(cfg)
     out = tmp_path / "run"
     rows = (out / "history.csv").read_text().strip().splitlines()

@@ -45,7 +45,7 @@ def test_sigkill_and_resume_auto_gives_the_same_weights(tmp_path):
     args = ["--deterministic", "--epochs", "2", "--batch-size", "64", "--save-every-steps", "4",
             "--drop-path", "0.1", "--ema-decay", "0.99"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(cli(*args, "--output", str(whole)), env=env(), check=True, capture_output=True)
+    subprocess.run(cli(*args, "--output", str(whole)), env=env(), check=True, capture_output=True, timeout=600)
 
     proc = subprocess.Popen(cli(*args, "--output", str(killed)), env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -64,7 +64,7 @@ def test_sigkill_and_resume_auto_gives_the_same_weights(tmp_path):
     assert killed_at < 44  # 2 epochs × 22 steps: it really was interrupted
 
     done = subprocess.run(cli(*args, "--output", str(killed), "--resume", "auto"), env=env(), capture_output=True,
-                          text=True, check=True)
+                          text=True, check=True, timeout=600)  # a resume that never ends fails, not hangs
     assert f"resumed from {killed / 'checkpoint-last'} at step {killed_at}" in done.stdout
     assert_same(weights(whole), weights(killed), 1e-6)  # model and EMA
     m1, m2 = (json.loads((run / "metrics.json").read_text()) for run in (whole, killed))
@@ -85,8 +85,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     single_cmd = cli(*common, "--batch-size", "32", "--output", str(single))
     for cmd in (single_cmd, launcher):
         cmd[cmd.index("--model-kwargs") + 1] = "{embed_dim: 64, depth: 2, num_heads: 2, token_dim: 16, tokenizer: transformer}"
-    subprocess.run(single_cmd, env=env(), check=True, capture_output=True)
-    result = subprocess.run(launcher, env=env(), capture_output=True, text=True)
+    subprocess.run(single_cmd, env=env(), check=True, capture_output=True, timeout=600)
+    result = subprocess.run(launcher, env=env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same(weights(single), weights(ddp), 1e-5)
     m1, m2 = (json.loads((run / "metrics.json").read_text()) for run in (single, ddp))

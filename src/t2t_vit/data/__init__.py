@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -16,7 +17,9 @@ from t2t_vit.data.arrays import ArrayDataset, channel_stats, find_cifar_root, lo
 from t2t_vit.data.transforms import AUGMENT_KEYS, build_transforms, default_augment
 from t2t_vit.errors import T2TViTError
 
-__all__ = ["AUGMENT_KEYS", "DataBundle", "create_datasets", "default_augment"]
+__all__ = ["AUGMENT_KEYS", "DataBundle", "available_cores", "create_datasets", "default_augment", "resolve_workers"]
+
+MAX_DEFAULT_WORKERS = 8
 
 
 @dataclass
@@ -114,3 +117,36 @@ def _array_bundle(kind, tx, ty, vx, vy, names, mean, std, *, img_size, augment, 
     train = ArrayDataset(tx, ty, train_tf, cache=opts is None)
     val = ArrayDataset(vx, vy, eval_tf, cache=True)
     return DataBundle(train, val, list(names), mean, std, kind, [], train_tf, eval_tf, opts, crop)
+
+
+def available_cores() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def default_workers(bundle: DataBundle, training: bool) -> int:
+    """Loader processes when none are asked for (the rule and its measurements: docs/data.md).
+
+    In-memory sets whose samples are pre-computed tensors (digits and CIFAR evaluation, or training
+    without augmentation) are a tensor lookup: a worker adds only start-up and inter-process copies,
+    so 0. Sets that decode or augment per sample get one process per CPU beyond the one running the
+    model, at most ``MAX_DEFAULT_WORKERS``.
+    """
+    cached = bundle.kind != "imagefolder" and (not training or bundle.augment is None)
+    if cached:
+        return 0
+    return min(MAX_DEFAULT_WORKERS, available_cores() - 1)
+
+
+def resolve_workers(requested: int | None, bundle: DataBundle, training: bool) -> tuple[int, str]:
+    """``(workers, note)``: the request (or :func:`default_workers`) capped at the CPU count, which
+    is also where torch starts warning; ``note`` says what was capped, else is empty."""
+    cores = available_cores()
+    if requested is None:
+        return default_workers(bundle, training), ""
+    if requested > cores:
+        return cores, f"{requested} loader workers asked for, this machine has {cores} CPU(s): using {cores}"
+    return requested, ""

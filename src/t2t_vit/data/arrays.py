@@ -96,30 +96,48 @@ def _unpickle(path: Path) -> dict:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise T2TViTError(f"cannot read CIFAR file {path}: {e.strerror or e}.") from None
+        raise T2TViTError(f"cannot read CIFAR file {path}: {e.strerror or e}.") from e
     try:
         obj = _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as e:  # any unpickling failure is a bad file, never a crash
-        raise T2TViTError(f"{path} is not a valid CIFAR pickle file ({e}).") from None
+        raise T2TViTError(f"{path} is not a valid CIFAR pickle file ({e}).") from e
     if not isinstance(obj, dict):
         raise T2TViTError(f"{path} is not a valid CIFAR pickle file (expected a dict).")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
-def _names(meta: dict, key: str) -> list[str]:
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in meta[key]]
+def _names(meta: dict, key: str, path: Path) -> list[str]:
+    names = meta.get(key)
+    if not isinstance(names, (list, tuple, np.ndarray)) or not all(isinstance(n, (bytes, str)) for n in names):
+        raise T2TViTError(f"{path} is not a valid CIFAR meta file ('{key}' must be a list of class names as text).")
+    return [n.decode(errors="replace") if isinstance(n, bytes) else n for n in names]
+
+
+def _int_array(value, what: str, path: Path) -> np.ndarray:
+    """An integer array (uint8 pixels or labels); strings, objects, floats and booleans are refused."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as err:
+        raise T2TViTError(f"{path} is not a valid CIFAR batch ({what}: {err}).") from err
+    if array.dtype.kind not in "iu":
+        raise T2TViTError(f"{path} is not a valid CIFAR batch ({what} must be integers, found {array.dtype} values).")
+    return array
 
 
 def _batch_arrays(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     d = _unpickle(path)
     if "data" not in d or label_key not in d:
         raise T2TViTError(f"{path} is not a valid CIFAR batch (needs 'data' and '{label_key}').")
-    x = np.asarray(d["data"], dtype=np.uint8)
+    x = _int_array(d["data"], "pixel data", path)
     if x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
         raise T2TViTError(f"{path} holds data of shape {x.shape}, expected (N, 3072).")
-    y = np.asarray(d[label_key], dtype=np.int64)
-    if len(y) != len(x):
-        raise T2TViTError(f"{path} has {len(x)} images but {len(y)} labels.")
+    if x.dtype != np.uint8:
+        if x.size and (x.min() < 0 or x.max() > 255):
+            raise T2TViTError(f"{path} is not a valid CIFAR batch (pixel values outside 0..255).")
+        x = x.astype(np.uint8)
+    y = _int_array(d[label_key], "labels", path).astype(np.int64)
+    if y.ndim != 1 or len(y) != len(x):
+        raise T2TViTError(f"{path} has {len(x)} images but labels of shape {y.shape}.")
     return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y
 
 
@@ -136,14 +154,14 @@ def find_cifar_root(root: Path) -> tuple[str, Path] | None:
 def load_cifar_arrays(kind: str, folder: Path):
     """Read a CIFAR-10/100 folder: ``(train_x, train_y, val_x, val_y, class_names)``, images NHWC uint8."""
     if kind == "cifar10":
-        names = _names(_unpickle(folder / "batches.meta"), "label_names")
+        names = _names(_unpickle(folder / "batches.meta"), "label_names", folder / "batches.meta")
         batches = sorted(folder.glob("data_batch_*"), key=lambda p: p.name)
         parts = [_batch_arrays(p, "labels") for p in batches]
         train_x = np.concatenate([p[0] for p in parts])
         train_y = np.concatenate([p[1] for p in parts])
         val_x, val_y = _batch_arrays(folder / "test_batch", "labels")
     else:
-        names = _names(_unpickle(folder / "meta"), "fine_label_names")
+        names = _names(_unpickle(folder / "meta"), "fine_label_names", folder / "meta")
         train_x, train_y = _batch_arrays(folder / "train", "fine_labels")
         val_x, val_y = _batch_arrays(folder / "test", "fine_labels")
     for y, split in ((train_y, "train"), (val_y, "test")):

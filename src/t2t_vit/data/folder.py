@@ -153,7 +153,7 @@ def _list_split(split_dir: Path) -> tuple[list[str], list[tuple[str, int]], list
     try:
         entries = sorted(os.scandir(split_dir), key=lambda e: e.name)
     except OSError as e:
-        raise T2TViTError(f"cannot read {split_dir}: {e.strerror or e}.") from None
+        raise T2TViTError(f"cannot read {split_dir}: {e.strerror or e}.") from e
     classes = [e.name for e in entries if not e.name.startswith(".") and e.is_dir()]
     skipped = [(e.path, "image outside a class folder") for e in entries
                if _is_image(e.name) and not e.is_dir()]
@@ -161,15 +161,65 @@ def _list_split(split_dir: Path) -> tuple[list[str], list[tuple[str, int]], list
     for label, name in enumerate(classes):
         class_dir = os.path.join(split_dir, name)
         errors: list[OSError] = []
-        found = []
-        for dirpath, dirnames, filenames in os.walk(class_dir, onerror=errors.append, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            found += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
+        found, links = _walk_class(class_dir, os.path.realpath(split_dir), errors)
+        skipped += links
         skipped += [(e.filename or class_dir, f"unreadable folder ({e.strerror or e})") for e in errors]
         if not found and not errors:
             skipped.append((class_dir, "empty class folder (no image files)"))
         files += [(p, label) for p in found]
     return classes, files, skipped
+
+
+def _inside(path: str, tree: str) -> bool:
+    return path == tree or path.startswith(tree.rstrip(os.sep) + os.sep)
+
+
+def _walk_class(class_dir: str, tree: str, errors: list[OSError]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Image files under ``class_dir`` and the links not followed.
+
+    Links to folders or files outside the split tree are followed; a link that resolves back into
+    the tree (``tree`` is its real path) or to a folder already scanned (a loop) is skipped and
+    named, so no image is counted twice and a loop cannot make the walk endless.
+    """
+    found: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    seen = {_identity(class_dir)}
+    for dirpath, dirnames, filenames in os.walk(class_dir, onerror=errors.append, followlinks=True):
+        keep = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            path = os.path.join(dirpath, name)
+            reason = _link_reason(path, tree)
+            identity = _identity(path)
+            if reason is None and identity in seen:
+                reason = "link loop (folder already scanned; not followed)"
+            if reason:
+                skipped.append((path, reason))
+                continue
+            seen.add(identity)
+            keep.append(name)
+        dirnames[:] = keep
+        for name in sorted(f for f in filenames if _is_image(f)):
+            path = os.path.join(dirpath, name)
+            reason = _link_reason(path, tree)
+            if reason:
+                skipped.append((path, reason))
+            else:
+                found.append(path)
+    return found, skipped
+
+
+def _identity(path: str) -> tuple[int, int] | str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path  # unreadable: os.walk reports it through onerror
+    return st.st_dev, st.st_ino
+
+
+def _link_reason(path: str, tree: str) -> str | None:
+    if os.path.islink(path) and _inside(os.path.realpath(path), tree):
+        return "link back into the data tree (not followed)"
+    return None
 
 
 def _verify_split(split_dir: Path, listing, verify: str, max_pixels: int, workers: int = 16):

@@ -13,18 +13,33 @@ def _posterize(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Imag
     """timm's posterize, also for 0 bits: the image becomes black, as with Pillow < 11.
 
     RandAugment's PosterizeIncreasing asks for 0 bits at magnitude 10, which rand-m9-mstd0.5
-    reaches on ~2% of its draws; Pillow >= 11 raises ValueError there, which would crash a
-    training epoch at random.
+    reaches on a few percent of its draws; Pillow >= 11 raises ValueError there, which would crash
+    a training epoch at random.
     """
     if bits_to_keep <= 0:
         return Image.new(img.mode, img.size)
-    return _timm_posterize(img, bits_to_keep, **kwargs)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
-_timm_posterize = auto_augment.posterize
-for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
-    if auto_augment.NAME_TO_OP.get(_name) is _timm_posterize:
-        auto_augment.NAME_TO_OP[_name] = _posterize
+def augment_ops(transform: Any) -> list[Any]:
+    """The RandAugment / AutoAugment / AugMix operations inside a (nested) transform."""
+    found: list[Any] = []
+    for part in getattr(transform, "transforms", None) or []:
+        found += augment_ops(part)
+    found += list(getattr(transform, "ops", None) or [])  # RandAugment, AugMixAugment
+    for sub_policy in getattr(transform, "policy", None) or []:  # AutoAugment
+        found += list(sub_policy)
+    return found
+
+
+def with_safe_posterize(transform: Any) -> Any:
+    """Give this transform's own posterize operations :func:`_posterize`; timm's op table and every
+    other transform stay as they are."""
+    for op in augment_ops(transform):
+        if getattr(op, "aug_fn", None) is auto_augment.posterize:
+            op.aug_fn = _posterize
+    return transform
+
 
 # The options an ``augment`` dict may carry: timm ``create_transform`` training arguments.
 AUGMENT_KEYS = (
@@ -33,7 +48,7 @@ AUGMENT_KEYS = (
     "train_crop_mode",
 )
 
-# The paper's ImageNet recipe (FACTS §5): RandomResizedCrop with random interpolation, flip,
+# The paper's ImageNet recipe (the authors' training defaults): RandomResizedCrop with random interpolation, flip,
 # RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25 (pixel mode, as in DeiT).
 IMAGENET_AUGMENT: dict[str, Any] = dict(
     scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, vflip=0.0, auto_augment="rand-m9-mstd0.5-inc1",
@@ -116,5 +131,5 @@ def build_transforms(
     opts = resolve_augment(kind, augment)
     if opts is None:
         return eval_tf, eval_tf, None, crop_pct
-    train_tf = create_transform(size, is_training=True, mean=mean, std=std, **opts)
+    train_tf = with_safe_posterize(create_transform(size, is_training=True, mean=mean, std=std, **opts))
     return train_tf, eval_tf, opts, crop_pct

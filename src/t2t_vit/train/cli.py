@@ -6,16 +6,19 @@ import argparse
 import dataclasses
 import time
 
-import yaml
-
 from t2t_vit.errors import T2TViTError
-from t2t_vit.train.config import FIELDS, TrainConfig, list_recipes, load_config
+from t2t_vit.train.checks import pretrained_tag, read_yaml
+from t2t_vit.train.config import DEMO_RECIPE, FIELD_TYPES, FIELDS, TrainConfig, list_recipes, load_config
 
 HELP = {
     "data": "'digits' (built in), an ImageFolder root with train/ and val/, or a CIFAR-10/100 python folder",
-    "model": "a T2T-ViT name (t2t-vit profile --all) or any timm model",
+    "model": "a T2T-ViT name (t2t-vit profile --all) or any timm model, built as registered "
+             "(without --config and --model: the digits demo recipe)",
     "model_kwargs": "extra model arguments as YAML/JSON, e.g. '{embed_dim: 128, depth: 4}'",
-    "img_size": "input size: 32 or 224 or H,W",
+    "img_size": "input size: 32 or 224 or H,W (default: the model's registered size)",
+    "stem": "T2T-ViT soft-split schedule: imagenet or small (default: the model's own)",
+    "workers": "loader processes (default: 0 for in-memory data sets, else up to 8; never more than the CPUs)",
+    "finetune": "start from a checkpoint file, or from a pretrained tag such as t2t_vit_14.in1k",
     "batch_size": "images per process and micro-step",
     "resume": "a checkpoint, a run directory, or 'auto' (the last checkpoint of --output)",
     "output": "run directory (default runs/<model>-<data>-<timestamp>)",
@@ -32,13 +35,12 @@ def _parse_value(kind: type, text: str):
     TrainConfig.validate() then checks and converts the types."""
     if kind is str:
         return None if text.lower() in ("none", "null") else text
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise T2TViTError(f"cannot read the value {text!r}") from None
+    return read_yaml(text, f"the value {text!r}")
 
 
 def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+    """One flag per field; values stay text here and are read in :func:`flag_values`, where a bad
+    value becomes the usual one-line error."""
     flag = "--" + field.name.replace("_", "-")
     hint = HELP.get(field.name, "")
     default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
@@ -46,17 +48,39 @@ def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> Non
     if field.type in ("bool", bool):
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         return
-    kind = str if "str" in str(field.type) and "int" not in str(field.type) else object
-    if field.name == "img_size":
-        convert = lambda s: [int(v) for v in s.replace("x", ",").split(",")] if ("," in s or "x" in s) else int(s)
-    else:
-        convert = lambda s, k=kind: _parse_value(k, s)
-    parser.add_argument(flag, type=convert, default=None, metavar=field.name.upper(), help=text)
+    parser.add_argument(flag, default=None, metavar=field.name.upper(), help=text)
+
+
+def _img_size(text: str) -> int | list[int]:
+    parts = text.replace("x", ",").split(",")
+    try:
+        values = [int(v) for v in parts]
+    except ValueError as err:
+        raise T2TViTError(f"--img-size must be a positive int or H,W, got {text!r}") from err
+    return values[0] if len(values) == 1 else values
+
+
+def flag_values(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields given on the command line, read from their text."""
+    values = {}
+    for name, value in vars(args).items():
+        if name not in FIELDS or value is None:
+            continue
+        if isinstance(value, bool):
+            values[name] = value
+        elif name == "img_size":
+            values[name] = _img_size(value)
+        else:
+            kind = FIELD_TYPES[name][0]
+            values[name] = _parse_value(str if kind == (str,) else object, value)
+    return values
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train / fine-tune / distill a model (defaults: the digits demo)",
-                              description="Train a T2T-ViT. With no arguments: the 32 px digits demo.")
+    p = subparsers.add_parser("train", help="train / fine-tune / distill a model (no arguments: the digits demo)",
+                              description="Train a T2T-ViT or any timm model. With neither --config nor --model, "
+                                          "the digits demo recipe is the base (configs/digits.yaml) and flags "
+                                          "override it; --model NAME builds NAME as registered.")
     p.add_argument("--config", help=f"YAML recipe file or shipped recipe name ({', '.join(list_recipes())})")
     for field in dataclasses.fields(TrainConfig):
         _add_field(p, field)
@@ -69,7 +93,8 @@ def register(subparsers) -> None:
     e.add_argument("--img-size", type=lambda s: int(s) if s.isdigit() else [int(v) for v in s.split(",")])
     e.add_argument("--stem", help="soft-split schedule (read from our checkpoints when omitted)")
     e.add_argument("--batch-size", type=int, default=128)
-    e.add_argument("--workers", type=int, default=2)
+    e.add_argument("--workers", type=int, help="loader processes (default: 0 for in-memory data sets, "
+                   "else up to 8, never more than the CPUs)")
     e.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     e.add_argument("--crop-pct", type=float)
     e.add_argument("--weights", choices=["preferred", "ema", "model"], default="preferred",
@@ -77,9 +102,21 @@ def register(subparsers) -> None:
     e.set_defaults(func=run_eval)
 
 
+def base_recipe(args: argparse.Namespace) -> str | None:
+    """``--config``; else the demo recipe when no model is named (``--model`` or a pretrained tag)."""
+    if args.config or args.model:
+        return args.config
+    if args.finetune and pretrained_tag(args.finetune):
+        return None
+    return DEMO_RECIPE
+
+
 def run_train(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
-    cfg = load_config(args.config, overrides)
+    overrides = flag_values(args)
+    tag = pretrained_tag(args.finetune) if args.finetune and not args.model and not args.config else None
+    if tag:
+        overrides["model"] = tag[0]  # --finetune t2t_vit_14.in1k alone trains a t2t_vit_14
+    cfg = load_config(base_recipe(args), overrides)
     from t2t_vit.train.engine import train
 
     train(cfg)
@@ -93,8 +130,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from t2t_vit.checkpoint import read_metadata
-    from t2t_vit.data import create_datasets
+    from t2t_vit.data import available_cores, create_datasets, resolve_workers
     from t2t_vit.pretrained import model_from_checkpoint
+    from t2t_vit.runtime import default_device
     from t2t_vit.train.evaluate import evaluate
 
     if args.batch_size <= 0:
@@ -104,13 +142,19 @@ def run_eval(args: argparse.Namespace) -> int:
     meta = read_metadata(args.checkpoint)
     img_size = args.img_size or meta.get("img_size") or 224
     stem = args.stem or meta.get("stem") or ("small" if img_size in (32, [32, 32]) else "imagenet")
-    bundle = create_datasets(args.data, img_size, None, crop_pct=args.crop_pct)
+    saved = meta.get("data_config") if isinstance(meta.get("data_config"), dict) else {}
+    bundle = create_datasets(args.data, img_size, None, crop_pct=args.crop_pct or saved.get("crop_pct"),
+                             interpolation=saved.get("interpolation", "bicubic"), mean=saved.get("mean"),
+                             std=saved.get("std"))
     model = model_from_checkpoint(
         args.checkpoint, args.model, use_ema=None if args.weights == "preferred" else args.weights == "ema",
         img_size=img_size, stem=stem, num_classes=None if "num_classes" in meta else bundle.num_classes,
     )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loader = DataLoader(bundle.val, batch_size=args.batch_size, num_workers=args.workers)
+    device = torch.device(default_device())
+    workers, _ = resolve_workers(args.workers, bundle, training=False)
+    if device.type == "cpu" and workers:  # intra-op threads and loader workers must not share cores
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), available_cores() - workers)))
+    loader = DataLoader(bundle.val, batch_size=args.batch_size, num_workers=workers)
     start = time.perf_counter()
     m = evaluate(model.to(device), loader, device, args.precision)
     name = args.model or meta.get("model")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from t2t_vit.errors import T2TViTError
 from t2t_vit.train.config import TrainConfig
 
 
@@ -34,8 +35,8 @@ class DistillationLoss(nn.Module):
 def build_teacher(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.Module:
     """The teacher from one of our checkpoints (architecture read from its metadata), or a model
     name with optional ``teacher_checkpoint``; frozen and in eval mode."""
+    from t2t_vit.checkpoint import load_checkpoint
     from t2t_vit.pretrained import model_from_checkpoint
-    from t2t_vit.train.evaluate import load_weights
     from t2t_vit.train.recipe import build_model
 
     if os.path.isfile(cfg.teacher):
@@ -43,6 +44,9 @@ def build_teacher(cfg: TrainConfig, num_classes: int, device: torch.device) -> n
     else:
         teacher = build_model(cfg, num_classes, name=cfg.teacher, kwargs={})
         if cfg.teacher_checkpoint:
-            load_weights(teacher, cfg.teacher_checkpoint)
+            report = load_checkpoint(teacher, cfg.teacher_checkpoint)
+            if report.replaced_head:  # a teacher with a fresh head would teach noise
+                raise T2TViTError(f"--teacher-checkpoint {cfg.teacher_checkpoint} has a {report.replaced_head[0]}-class "
+                                  f"head but the data set has {report.replaced_head[1]} classes")
     teacher.requires_grad_(False)
     return teacher.to(device).eval()

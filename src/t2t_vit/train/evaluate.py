@@ -1,16 +1,14 @@
-"""Evaluation (loss, top-1, top-5, throughput) and reading weights into a model."""
+"""Evaluation: loss, top-1, top-5 and throughput of a model on a data set (single process or DDP)."""
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from t2t_vit.checkpoint import load_checkpoint
 from t2t_vit.errors import T2TViTError
 from t2t_vit.train.distributed import World, all_reduce_sum
 
@@ -56,17 +54,3 @@ def evaluate(model: nn.Module, data: DataLoader | Dataset, device: torch.device 
         raise T2TViTError("the evaluation data set is empty")
     return dict(loss=loss_sum / count, top1=100.0 * top1 / count, top5=100.0 * top5 / count,
                 images=int(count), images_per_s=count / max(seconds, 1e-9) * (world.size if world else 1))
-
-
-def load_weights(model: nn.Module, path: str, drop_head: bool = False, use_ema: bool | None = None) -> dict[str, Any]:
-    """Load ``path`` (ours, the authors', safetensors) into ``model`` with :func:`load_checkpoint`.
-
-    With ``drop_head`` a classifier of another class count is left freshly initialised
-    (fine-tuning); without it that is an error. Any other mismatch is a one-line error.
-    """
-    report = load_checkpoint(model, path, use_ema=use_ema)
-    if report.replaced_head and not drop_head:
-        raise T2TViTError(
-            f"{path} has a {report.replaced_head[0]}-class head but the model has {report.replaced_head[1]} classes"
-        )
-    return dict(skipped=["head"] if report.replaced_head else [])

@@ -13,19 +13,38 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 import t2t_vit
+from t2t_vit.errors import T2TViTError
 from t2t_vit.train.config import TrainConfig
 
 
-def build_model(cfg: TrainConfig, num_classes: int, name: str | None = None, kwargs: dict | None = None) -> nn.Module:
-    """A T2T-ViT via :func:`t2t_vit.create_model` (with img_size/stem), or any other timm model."""
+def build_model(cfg: TrainConfig, num_classes: int, name: str | None = None, kwargs: dict | None = None,
+                pretrained: str | None = None) -> nn.Module:
+    """The model ``cfg`` names, exactly as registered plus what ``cfg`` changes on purpose.
+
+    T2T-ViT models get ``img_size``/``stem`` and the model kwargs through :func:`t2t_vit.create_model`
+    (with ``pretrained``, a tag such as ``t2t_vit_14.in1k``, that function loads the tag's weights);
+    any other timm model gets its kwargs, the drop-path rate, and ``img_size`` only where its
+    registration says the input size is fixed (ViTs; a ResNet takes any size as it is).
+    """
     name = name or cfg.model
     kwargs = dict(cfg.model_kwargs if kwargs is None else kwargs)
-    if name in t2t_vit.list_models():
-        kwargs.setdefault("drop_path_rate", cfg.drop_path)
-        return t2t_vit.create_model(name, num_classes=num_classes, img_size=cfg.img_size, stem=cfg.stem, **kwargs)
     if cfg.drop_path:
         kwargs.setdefault("drop_path_rate", cfg.drop_path)
-    return timm.create_model(name, num_classes=num_classes, **kwargs)
+    if name in t2t_vit.list_models():
+        kwargs.setdefault("drop_path_rate", cfg.drop_path)
+        if cfg.stem is not None:
+            kwargs.setdefault("stem", cfg.stem)
+        if cfg.img_size is not None:
+            kwargs.setdefault("img_size", cfg.img_size)
+        return t2t_vit.create_model(pretrained or name, pretrained=bool(pretrained), num_classes=num_classes,
+                                    **kwargs)
+    pretrained_cfg = timm.models.get_pretrained_cfg(name)
+    if cfg.img_size is not None and pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
+        kwargs.setdefault("img_size", cfg.img_size)
+    try:
+        return timm.create_model(name, num_classes=num_classes, **kwargs)
+    except TypeError as err:
+        raise T2TViTError(f"cannot build {name} with {kwargs}: {err}") from err
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -107,8 +126,13 @@ def augment_options(cfg: TrainConfig) -> dict | None:
     """The data module's timm ``create_transform`` options, or None for deterministic transforms."""
     if not cfg.augment:
         return None
-    return dict(scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip, auto_augment=cfg.auto_augment,
-                re_prob=cfg.re_prob, interpolation=cfg.train_interpolation, color_jitter=cfg.color_jitter)
+    options = dict(auto_augment=cfg.auto_augment, re_prob=cfg.re_prob, interpolation=cfg.train_interpolation,
+                   color_jitter=cfg.color_jitter)
+    for name in ("scale", "ratio", "hflip"):  # None: the data set's default
+        value = getattr(cfg, name)
+        if value is not None:
+            options[name] = tuple(value) if isinstance(value, list) else value
+    return options
 
 
 def lr_now(optimizer: torch.optim.Optimizer) -> float:

@@ -30,11 +30,9 @@ def write_json(path: str, values: dict[str, Any]) -> None:
 
 def plot_curves(folder: str, rows: list[dict[str, Any]]) -> None:
     """curves.png: train/val loss and val top-1 (raw and EMA) per epoch."""
-    import matplotlib
+    from t2t_vit.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     epochs = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
@@ -48,8 +46,7 @@ def plot_curves(folder: str, rows: list[dict[str, Any]]) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(folder, "curves.png"), dpi=100)
-    plt.close(fig)
+    save_figure(fig, os.path.join(folder, "curves.png"), dpi=100)
 
 
 class Progress:

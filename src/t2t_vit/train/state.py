@@ -78,15 +78,55 @@ def load_resume(stem: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Ten
     weights_path = f"{stem}.safetensors"
     if not os.path.isfile(weights_path):
         raise T2TViTError(f"no checkpoint to resume at {weights_path}")
-    step = int(read_metadata(weights_path).get("step", -1))
+    step = _as_int(read_metadata(weights_path).get("step"), -1)
     for state_path in (f"{stem}.state.pt", f"{stem}.state.prev.pt"):
         if not os.path.isfile(state_path):
             continue
         try:
             state = torch.load(state_path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise T2TViTError(f"{state_path} cannot be read safely ({str(err).splitlines()[0]})") from None
-        if int(state.get("step", -2)) == step:
+        except Exception as err:  # noqa: BLE001 - torch.load raises many types for a bad or unsafe file
+            raise T2TViTError(f"{state_path} cannot be read safely ({str(err).splitlines()[0]})") from err
+        if not isinstance(state, dict):
+            raise T2TViTError(f"{state_path} is not a training-state file (it holds a {type(state).__name__})")
+        if _as_int(state.get("step")) == step:
             model, ema = split_ema(load_file(weights_path))
             return model, ema, state
     raise T2TViTError(f"{weights_path} (step {step}) has no training-state file with the same step; cannot resume exactly")
+
+
+def _as_int(value: Any, default: int = -2) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+STATE_KEYS = ("step", "epoch", "position", "optimizer", "scheduler", "scaler", "rng", "history", "best",
+              "train_seconds", "train_images", "skipped", "epoch_sums")
+
+
+def check_state(state: dict[str, Any], stem: str) -> None:
+    """Refuse a training-state file that lacks what resuming restores."""
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise T2TViTError(f"{stem}.state.pt lacks {', '.join(missing)}; it was not written by this trainer, "
+                          "so the run cannot be resumed exactly (use --finetune to start from its weights)")
+
+
+def load_weights_for_resume(model: nn.Module, weights: dict[str, torch.Tensor], stem: str, what: str = "model") -> None:
+    """``load_state_dict(strict=True)`` with one line instead of torch's listing of every key."""
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        own = model.state_dict()
+        missing = sorted(set(own) - set(weights))
+        unexpected = sorted(set(weights) - set(own))
+        shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                  if k in weights and weights[k].shape != own[k].shape]
+        found = "; ".join(part for part in (
+            f"{len(shapes)} tensors of another shape (first: {shapes[0]})" if shapes else "",
+            f"{len(missing)} missing (first: {missing[0]})" if missing else "",
+            f"{len(unexpected)} unexpected (first: {unexpected[0]})" if unexpected else "") if part)
+        raise T2TViTError(f"cannot resume from {stem}: its {what} weights belong to another model ({found}); "
+                          "resume with the run's own --model, --model-kwargs, --img-size and --stem "
+                          "(its config.yaml), or use --finetune to start from these weights") from err

@@ -1,0 +1,228 @@
+"""Checks a training configuration passes before any work starts: types coerced from the
+dataclass's declared field types, finite and bounded numbers, existing paths, a buildable model.
+
+Every problem is one :class:`T2TViTError` sentence naming the flag.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+import os
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from t2t_vit.errors import T2TViTError
+
+MAX_YAML_BYTES = 1 << 20  # a recipe is a few hundred bytes; anything near this is not a recipe
+MAX_IMG_SIZE = 4096  # pixels per side; the paper trains at 224 and fine-tunes at 384
+MAX_BATCH_SIZE = 1 << 16
+PRETRAINED_TAG_SEPARATOR = "."
+
+
+# ---- YAML: bounded size, no aliases (an alias bomb expands a few hundred bytes into gigabytes) ----
+class _NoAliasLoader(yaml.SafeLoader):
+    def compose_node(self, parent, index):  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not accepted here",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def read_yaml(text: str | bytes, source: str) -> Any:
+    """``yaml.safe_load`` that refuses aliases and texts over ``MAX_YAML_BYTES``."""
+    if len(text) > MAX_YAML_BYTES:
+        raise T2TViTError(f"{source} is larger than {MAX_YAML_BYTES} bytes; a training recipe is far smaller")
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise T2TViTError(f"{source} is not valid YAML: {' '.join(str(err).split())}") from err
+
+
+# ---- types ------------------------------------------------------------------------------------------
+def field_types(cls: type) -> dict[str, Any]:
+    """Each field's declared type with ``None`` allowed or not: ``{name: (types, optional)}``."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for name, hint in hints.items():
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        kinds = tuple(typing.get_origin(a) or a for a in args if a is not type(None))
+        out[name] = (kinds, type(None) in args)
+    return out
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def coerce(name: str, spec: tuple[tuple[type, ...], bool], value: Any) -> Any:
+    """``value`` as the field's type: numbers written as strings ("2e-3" is one in YAML 1.1, flags
+    arrive as text) become numbers; a float with no fraction may stand for an int; anything else that
+    does not fit is refused."""
+    kinds, optional = spec
+    if value is None:
+        if optional or Any in kinds:
+            return None
+        raise T2TViTError(f"{flag(name)} needs a value")
+    if Any in kinds or isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
+        return value
+    for kind in kinds:
+        converted = _convert(kind, value)
+        if converted is not None:
+            return converted
+    wanted = " or ".join(_type_word(k) for k in kinds)
+    raise T2TViTError(f"{flag(name)} must be {wanted}, got {value!r}")
+
+
+def _convert(kind: type, value: Any) -> Any:
+    if kind is bool or isinstance(value, bool):
+        return None  # only true/false are booleans; 1 and "yes" are not silently turned into them
+    if kind is float and isinstance(value, (int, str)):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind is int and isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
+    if kind is list and isinstance(value, tuple):
+        return list(value)
+    return None
+
+
+def _type_word(kind: type) -> str:
+    return {int: "a whole number", float: "a number", bool: "true or false", str: "text", list: "a list",
+            dict: "a mapping"}.get(kind, kind.__name__)
+
+
+# ---- numbers -------------------------------------------------------------------------------------------
+POSITIVE = ("lr", "batch_size", "epochs", "accum_steps")
+POSITIVE_OR_NONE = ("max_steps", "save_every_steps", "threads", "num_classes", "clip_grad")
+NOT_NEGATIVE = ("min_lr", "warmup_lr", "weight_decay", "warmup_epochs", "cooldown_epochs", "drop_path", "smoothing",
+                "mixup", "cutmix", "re_prob", "workers", "body_lr_scale", "distill_tau", "momentum")
+
+
+def check_numbers(cfg: Any) -> None:
+    for name, value in vars(cfg).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise T2TViTError(f"{flag(name)} must be a finite number, got {value}")
+    for name in POSITIVE + POSITIVE_OR_NONE:
+        value = getattr(cfg, name)
+        if (value is None and name in POSITIVE) or (value is not None and value <= 0):
+            raise T2TViTError(f"{flag(name)} must be positive, got {value}")
+    for name in NOT_NEGATIVE:
+        value = getattr(cfg, name)
+        if value is not None and value < 0:
+            raise T2TViTError(f"{flag(name)} must not be negative, got {value}")
+    if cfg.batch_size > MAX_BATCH_SIZE:
+        raise T2TViTError(f"--batch-size must be at most {MAX_BATCH_SIZE}, got {cfg.batch_size}")
+    _check_img_size(cfg.img_size)
+    for name, low, high, closed in (("drop_path", 0, 1, False), ("distill_alpha", 0, 1, True),
+                                    ("ema_decay", 0, 1, False)):
+        value = getattr(cfg, name)
+        if not (low <= value <= high if closed else low <= value < high):
+            raise T2TViTError(f"{flag(name)} must be in [{low}, {high}{']' if closed else ')'}, got {value}")
+    _choice("precision", cfg.precision, ("fp32", "bf16", "fp16"))
+    _choice("opt", cfg.opt, ("adamw", "sgd", "adam", "lamb", "momentum"))
+    _choice("distill", cfg.distill, ("soft", "hard"))
+
+
+def _check_img_size(img_size: Any) -> None:
+    if img_size is None:
+        return
+    sizes = [img_size] if isinstance(img_size, int) and not isinstance(img_size, bool) else img_size
+    if not isinstance(sizes, list) or len(sizes) not in (1, 2) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
+        raise T2TViTError(f"--img-size must be a positive int or H,W, got {img_size!r}")
+    if max(sizes) > MAX_IMG_SIZE:
+        raise T2TViTError(f"--img-size must be at most {MAX_IMG_SIZE} pixels per side, got {img_size!r}")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise T2TViTError(f"{flag(name)} must be one of {', '.join(choices)}, got {value!r}")
+
+
+# ---- paths ---------------------------------------------------------------------------------------------
+def check_paths(cfg: Any) -> None:
+    if cfg.data != "digits" and not os.path.exists(cfg.data):
+        raise T2TViTError(f"data path {cfg.data!r} does not exist (use --data digits for the built-in demo data)")
+    if cfg.finetune is not None and not os.path.isfile(cfg.finetune) and pretrained_tag(cfg.finetune) is None:
+        raise T2TViTError(f"--finetune file {cfg.finetune!r} does not exist (and it is no pretrained tag "
+                          "such as t2t_vit_14.in1k)")
+    if cfg.teacher_checkpoint is not None and not os.path.isfile(cfg.teacher_checkpoint):
+        raise T2TViTError(f"--teacher-checkpoint file {cfg.teacher_checkpoint!r} does not exist")
+    if cfg.resume not in (None, "auto") and not os.path.exists(cfg.resume):
+        raise T2TViTError(f"--resume path {cfg.resume!r} does not exist (use --resume auto to pick up the last run)")
+
+
+def pretrained_tag(name: str) -> tuple[str, str] | None:
+    """``(model, tag)`` when ``name`` is a registered T2T-ViT name with a tag, e.g. ``t2t_vit_14.in1k``."""
+    import t2t_vit
+
+    model, _, tag = str(name).partition(PRETRAINED_TAG_SEPARATOR)
+    if tag and model in t2t_vit.list_models() and os.path.sep not in name:
+        return model, tag
+    return None
+
+
+# ---- the model -------------------------------------------------------------------------------------------
+def is_t2t(name: str) -> bool:
+    import t2t_vit
+
+    return name in t2t_vit.list_models()
+
+
+def check_model(cfg: Any) -> None:
+    """A known model name, model arguments it takes, and (T2T-ViT) an input size its stem can tokenise;
+    fills in ``img_size``/``stem`` from the model's registration where they are None."""
+    import timm
+
+    import t2t_vit
+
+    tag = pretrained_tag(cfg.finetune) if cfg.finetune and not os.path.isfile(cfg.finetune) else None
+    if tag and tag[0] != cfg.model:
+        raise T2TViTError(f"--finetune {cfg.finetune} holds a {tag[0]} but --model is {cfg.model}")
+    if is_t2t(cfg.model):
+        _check_t2t(cfg)
+    elif timm.is_model(cfg.model):
+        if cfg.img_size is None:
+            pretrained_cfg = timm.models.get_pretrained_cfg(cfg.model)
+            cfg.img_size = list(pretrained_cfg.input_size[1:]) if pretrained_cfg else 224
+    else:
+        close = difflib.get_close_matches(cfg.model, t2t_vit.list_models() + timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise T2TViTError(f"unknown model {cfg.model!r}{hint}")
+    if isinstance(cfg.img_size, list) and len(cfg.img_size) == 1:
+        cfg.img_size = cfg.img_size[0]
+    if isinstance(cfg.img_size, list) and cfg.img_size[0] == cfg.img_size[1]:
+        cfg.img_size = cfg.img_size[0]
+    teacher = cfg.teacher
+    if teacher and not os.path.exists(teacher) and not is_t2t(teacher) and not timm.is_model(teacher):
+        raise T2TViTError(f"--teacher {teacher!r} is neither an existing checkpoint file nor a known model name")
+
+
+def _check_t2t(cfg: Any) -> None:
+    from t2t_vit.model import T2TViT, to_2tuple_size
+    from t2t_vit.t2t import resolve_stem, token_grid
+    from t2t_vit.variants import VARIANTS
+
+    accepted = set(inspect.signature(T2TViT.__init__).parameters) - {"self", "img_size", "num_classes", "stem"}
+    unknown = sorted(str(k) for k in cfg.model_kwargs if k not in accepted)
+    if unknown:
+        taken = ", ".join(sorted(accepted))
+        raise T2TViTError(f"--model-kwargs: {cfg.model} takes no argument {', '.join(map(repr, unknown))}; "
+                          f"T2T-ViT arguments: {taken} (img_size, stem, num_classes have their own flags)")
+    arch = {**VARIANTS[cfg.model].arch, **cfg.model_kwargs}
+    defaults = inspect.signature(T2TViT.__init__).parameters
+    if cfg.img_size is None:
+        cfg.img_size = arch.get("img_size", defaults["img_size"].default)
+    if cfg.stem is None:
+        cfg.stem = arch.get("stem", defaults["stem"].default)
+    if arch.get("tokenizer", defaults["tokenizer"].default) != "patch":
+        token_grid(to_2tuple_size(cfg.img_size), resolve_stem(cfg.stem))

@@ -1,0 +1,127 @@
+"""The run directory: chosen once (rank 0 decides), locked against a second run, removed again when
+a run fails before it wrote anything, and the checkpoint to resume from."""
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import tempfile
+from typing import Iterator
+
+import torch
+
+from t2t_vit.errors import T2TViTError
+from t2t_vit.train import state as ckpt
+from t2t_vit.train.config import TrainConfig
+from t2t_vit.train.distributed import World, broadcast_flag
+
+LOCK_NAME = ".lock"
+
+try:  # POSIX advisory locks; where there are none (Windows) runs are not locked
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+
+def shared_output(cfg: TrainConfig, world: World) -> str:
+    """The output dir, decided once by rank 0 (timestamps could differ between ranks)."""
+    if cfg.output:
+        out = cfg.output
+    elif cfg.resume == "auto":
+        pattern = cfg.resolved_output().rsplit("-", 2)[0] + "-*"
+        found = sorted(p for p in glob.glob(pattern) if os.path.isfile(os.path.join(p, "checkpoint-last.safetensors")))
+        out = found[-1] if found else cfg.resolved_output()
+    else:
+        out = cfg.resolved_output()
+    if world.distributed:
+        box = [out]
+        torch.distributed.broadcast_object_list(box, src=0)
+        out = box[0]
+    return out
+
+
+@contextlib.contextmanager
+def lock_output(out: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` (created if missing) while the block runs.
+
+    A second run on the same directory fails at once with one line and writes nothing; if this call
+    created the directory and the block fails while the directory holds nothing but the lock, the
+    directory is removed again (a data or model error leaves no empty run behind).
+    """
+    created = not os.path.isdir(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        handle = open(os.path.join(out, LOCK_NAME), "a+")
+    except OSError as err:
+        raise T2TViTError(f"cannot write to output directory {out}: {err.strerror or err}") from err
+    try:
+        _acquire(handle, out)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    except BaseException:
+        handle.close()
+        if created:
+            _remove_if_only_lock(out)
+        raise
+    handle.close()
+
+
+def _acquire(handle, out: str) -> None:
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise T2TViTError(f"another training run (pid {holder}) is using {out}; wait for it to finish or choose "
+                          "another --output") from err
+
+
+def _remove_if_only_lock(out: str) -> None:
+    try:
+        if set(os.listdir(out)) <= {LOCK_NAME}:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out, LOCK_NAME))
+            os.rmdir(out)
+    except OSError:  # someone else put something there meanwhile: leave it as it is
+        return
+
+
+def check_writable(out: str) -> None:
+    try:
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as err:
+        raise T2TViTError(f"cannot write to output directory {out}: {err.strerror or err}") from err
+
+
+def resume_stem(cfg: TrainConfig, out: str) -> str | None:
+    """The checkpoint stem to resume from, or None for a new run (refusing to overwrite one)."""
+    last = os.path.join(out, "checkpoint-last")
+    if cfg.resume == "auto":
+        return last if os.path.isfile(last + ".safetensors") else None
+    if cfg.resume:
+        return ckpt.checkpoint_stem(cfg.resume)
+    if os.path.isfile(last + ".safetensors"):
+        raise T2TViTError(f"{out} already holds a run; pass --resume auto to continue it or choose another --output")
+    return None
+
+
+def claim(cfg: TrainConfig, world: World, out: str, stack: contextlib.ExitStack) -> str | None:
+    """Rank 0 locks ``out`` (until ``stack`` closes) and checks it; every rank returns the checkpoint
+    stem to resume, or raises when rank 0 failed (so the others do not wait for it forever)."""
+    error = None
+    if world.is_main:
+        try:
+            stack.enter_context(lock_output(out))
+            check_writable(out)
+            resume_stem(cfg, out)
+        except T2TViTError as err:
+            error = err
+    if broadcast_flag(error is not None, world):
+        raise error or T2TViTError("the main process could not prepare the output directory")
+    return resume_stem(cfg, out)

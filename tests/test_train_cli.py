@@ -1,0 +1,209 @@
+"""The named model trains: what `t2t-vit train` builds from its flags, and the one-line refusals."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from t2t_vit.checkpoint import read_metadata
+from t2t_vit.errors import T2TViTError
+from t2t_vit.train import TrainConfig, load_config, recipe, train
+from t2t_vit.train.cli import base_recipe
+
+TINY_KWARGS = "{embed_dim: 64, depth: 2, num_heads: 2, token_dim: 16}"
+FAST = ["--workers", "0", "--threads", "1", "--log-every", "1000", "--epochs", "1", "--batch-size", "8"]
+
+
+def captured_config(argv: list[str], monkeypatch) -> TrainConfig:
+    """The config `t2t-vit train ARGV` would train, without training."""
+    import t2t_vit.train.engine as engine
+    from t2t_vit.cli import main
+
+    seen = {}
+    monkeypatch.setattr(engine, "train", lambda cfg: seen.setdefault("cfg", cfg))
+    assert main(["train", *argv]) == 0
+    return seen["cfg"]
+
+
+# ---- what gets built ------------------------------------------------------------------------------------
+def test_no_arguments_is_the_digits_recipe(monkeypatch):
+    cfg = captured_config([], monkeypatch)
+    assert cfg == load_config("digits")
+    assert (cfg.model, cfg.img_size, cfg.stem, cfg.model_kwargs["embed_dim"]) == ("t2t_vit_7", 32, "small", 128)
+    assert captured_config(["--epochs", "2"], monkeypatch).epochs == 2  # flags override the recipe
+
+
+def test_named_model_is_built_as_registered(monkeypatch):
+    cfg = captured_config(["--model", "t2t_vit_14"], monkeypatch)
+    assert (cfg.img_size, cfg.stem, cfg.model_kwargs, cfg.data) == (224, "imagenet", {}, "digits")
+    model = recipe.build_model(cfg, 1000)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(21.5, abs=0.05)  # paper: 21.5M
+    assert model.patch_embed.img_size == (224, 224) if hasattr(model, "patch_embed") else True
+
+
+def test_size_stem_and_kwargs_change_the_model_on_purpose(monkeypatch):
+    cfg = captured_config(["--model", "t2t_vit_14", "--img-size", "64", "--stem", "small",
+                           "--model-kwargs", "{depth: 2}"], monkeypatch)
+    model = recipe.build_model(cfg, 10)
+    assert len(model.blocks) == 2 and model(torch.zeros(1, 3, 64, 64)).shape == (1, 10)
+
+
+def test_timm_models_get_only_their_own_arguments():
+    resnet = recipe.build_model(TrainConfig(model="resnet18", img_size=32).validate(), 10)
+    assert resnet.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 10)  # no img_size, no stem passed
+    deit = recipe.build_model(TrainConfig(model="deit_tiny_patch16_224", img_size=32).validate(), 10)
+    assert tuple(deit.patch_embed.img_size) == (32, 32)  # a fixed-size model is told the size
+    assert TrainConfig(model="resnet18").validate().img_size == 224  # its registered input size
+    with pytest.raises(T2TViTError, match="cannot build resnet18"):
+        recipe.build_model(TrainConfig(model="resnet18", model_kwargs={"evil": 1}).validate(), 10)
+
+
+def test_resnet18_trains_two_steps(tmp_path, capsys):
+    from t2t_vit.cli import main
+
+    out = tmp_path / "resnet"
+    assert main(["train", "--model", "resnet18", "--img-size", "32", "--max-steps", "2", "--no-ema",
+                 "--output", str(out), *FAST]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["model"] == "resnet18" and math.isfinite(metrics["val_loss"])
+    assert "training resnet18 (11.18M params, 32 px)" in capsys.readouterr().out
+
+
+def test_data_alone_trains_the_demo_recipe():
+    from t2t_vit.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--data", "/some/folder"])
+    assert base_recipe(args) == "digits"
+    args = build_parser().parse_args(["train", "--model", "t2t_vit_7", "--data", "/some/folder"])
+    assert base_recipe(args) is None
+
+
+def test_config_values_follow_the_field_types():
+    cfg = TrainConfig(batch_size="8", lr="2e-3", clip_grad="1", epochs=3.0, img_size=[32, 32]).validate()
+    assert (cfg.batch_size, cfg.lr, cfg.clip_grad, cfg.epochs, cfg.img_size) == (8, 2e-3, 1.0, 3, 32)
+    assert isinstance(cfg.clip_grad, float) and isinstance(cfg.epochs, int)
+    with pytest.raises(T2TViTError, match="--ema must be true or false"):
+        TrainConfig(ema="yes").validate()
+    with pytest.raises(T2TViTError, match="--model-kwargs must be a mapping"):
+        TrainConfig(model_kwargs=[1]).validate()
+
+
+# ---- one-line refusals, nothing written --------------------------------------------------------------------
+@pytest.mark.parametrize("argv, needle", [
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+    (["--batch-size", "2.5"], "--batch-size must be a whole number"),
+    (["--model-kwargs", "{evil: 1}"], "takes no argument 'evil'"),
+    (["--img-size", "100000"], "--img-size must be at most 4096"),
+    (["--model-kwargs", "{a: &x [1, 1], b: *x}"], "aliases"),
+    (["--data", "TMP/no_val"], "has no val/ folder"),  # a data error leaves no run directory
+])
+def test_bad_values_are_one_line(argv, needle, tmp_path, capsys):
+    from t2t_vit.cli import main
+
+    (tmp_path / "no_val" / "train" / "a").mkdir(parents=True)
+    argv = [a.replace("TMP", str(tmp_path)) for a in argv]
+    out = tmp_path / "never"
+    assert main(["train", "--output", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_yaml_alias_bomb_in_a_recipe_is_refused(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 12)]
+    bomb.write_text("model_kwargs:\n" + "\n".join("  " + line for line in lines) + "\n")
+    with pytest.raises(T2TViTError, match="aliases"):
+        load_config(str(bomb))
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * (2 << 20) + "\n")
+    with pytest.raises(T2TViTError, match="larger than"):
+        load_config(str(big))
+
+
+def test_second_run_on_a_locked_output_is_refused(tmp_path, capsys):
+    from t2t_vit.cli import main
+    from t2t_vit.train.rundir import lock_output
+
+    out = tmp_path / "run"
+    with lock_output(str(out)):
+        before = sorted(os.listdir(out))
+        assert main(["train", "--output", str(out), "--max-steps", "1", *FAST]) == 2
+        assert sorted(os.listdir(out)) == before and (out / ".lock").read_text() == f"{os.getpid()}\n"
+    err = capsys.readouterr().err.strip()
+    assert f"another training run (pid {os.getpid()}) is using {out}" in err and len(err.splitlines()) == 1
+
+
+# ---- resume, fine-tuning, distillation, what a run writes -------------------------------------------------
+BASE = dict(model="t2t_vit_7", model_kwargs=dict(embed_dim=64, depth=2, num_heads=2, token_dim=16), img_size=32,
+            stem="small", workers=0, threads=1, log_every=1000, epochs=1, max_steps=1, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("small") / "run"
+    train(TrainConfig(**BASE, output=str(out)))
+    return out
+
+
+def test_checkpoint_records_the_data_config(small_run):
+    meta = read_metadata(str(small_run / "checkpoint-last.safetensors"))
+    config = meta["data_config"]
+    config = json.loads(config) if isinstance(config, str) else config
+    assert config["input_size"] == [3, 32, 32] and config["crop_pct"] == 1.0 and config["interpolation"] == "bicubic"
+    assert len(config["mean"]) == 3 and len(config["std"]) == 3 and 0 < config["mean"][0] < 1
+
+
+def test_resume_from_another_size_is_one_line(small_run, tmp_path):
+    other = dict(BASE, model_kwargs=dict(BASE["model_kwargs"], embed_dim=32), max_steps=2)
+    with pytest.raises(T2TViTError, match="belong to another model .*config.yaml") as info:
+        train(TrainConfig(**other, output=str(tmp_path / "x"), resume=str(small_run)))
+    assert len(str(info.value).splitlines()) == 1
+
+
+def test_resume_from_a_state_missing_keys_is_one_line(small_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(small_run, run)
+    state = torch.load(run / "checkpoint-last.state.pt", weights_only=True)
+    del state["optimizer"], state["rng"]
+    torch.save(state, run / "checkpoint-last.state.pt")
+    with pytest.raises(T2TViTError, match="lacks optimizer, rng"):
+        train(TrainConfig(**dict(BASE, max_steps=2), output=str(run), resume="auto"))
+
+
+def test_compile_and_distillation_say_they_are_on(small_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)  # the message, not the compiler
+    teacher = str(small_run / "checkpoint-last.safetensors")
+    train(TrainConfig(**BASE, output=str(tmp_path / "d"), compile=True, teacher=teacher, distill_alpha=0.3))
+    out = capsys.readouterr().out
+    assert "compiling the model with torch.compile" in out
+    assert f"distillation on: teacher {teacher}, soft targets, alpha 0.3, tau 1" in out
+
+
+def test_finetune_from_a_pretrained_tag(tmp_path, monkeypatch, capsys):
+    import t2t_vit
+    from t2t_vit.cli import main
+
+    real, calls = t2t_vit.create_model, []
+
+    def create_model(name, pretrained=False, **kwargs):
+        calls.append((name, pretrained, kwargs["num_classes"]))
+        return real(name.split(".")[0], **kwargs)
+
+    monkeypatch.setattr(t2t_vit, "create_model", create_model)
+    out = tmp_path / "tuned"
+    assert main(["train", "--finetune", "t2t_vit_7.in1k", "--model-kwargs", TINY_KWARGS, "--img-size", "32",
+                 "--stem", "small", "--max-steps", "1", "--output", str(out), *FAST]) == 0
+    assert calls[0] == ("t2t_vit_7.in1k", True, 10)
+    assert "fine-tuning from the pretrained weights t2t_vit_7.in1k" in capsys.readouterr().out
+    assert read_metadata(str(out / "checkpoint-last.safetensors"))["model"] == "t2t_vit_7"
+    with pytest.raises(T2TViTError, match="holds a t2t_vit_7 but --model is t2t_vit_14"):
+        TrainConfig(model="t2t_vit_14", finetune="t2t_vit_7.in1k").validate()
