@@ -291,3 +291,22 @@ def test_batched_and_precision_names():
         list(inference.batched([1], 0))
     with pytest.raises(T2TViTError, match="unknown precision"):
         inference.with_precision(torch.nn.Linear(1, 1), "fp8")
+
+
+def test_weights_option_picks_the_ema_copy(small_checkpoint, images, tmp_path, capsys):
+    from t2t_vit.storage import save_weights
+
+    model, path = small_checkpoint
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        ema.head.bias.copy_(torch.tensor([0.0, 0.0, 50.0]))  # the EMA copy always says "ship"
+    both = save_weights(model, tmp_path / "both.safetensors", ema=ema,
+                        metadata=dict(model="t2t_vit_7", num_classes=3, img_size=[32, 32], stem="small",
+                                      class_names=["cat", "dog", "ship"], preferred="model"))
+    picked = {}
+    for weights in ("preferred", "ema", "model"):
+        assert run_cli("predict", str(images[0][0]), "--checkpoint", str(both), "--weights", weights, "--json",
+                       "--topk", "1", "--device", "cpu") == 0
+        picked[weights] = json.loads(capsys.readouterr().out)[0]["predictions"][0]
+    assert picked["ema"]["label"] == "ship" and picked["ema"]["probability"] > 0.99
+    assert picked["preferred"] == picked["model"] != picked["ema"]

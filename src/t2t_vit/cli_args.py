@@ -11,9 +11,12 @@ from typing import Any
 
 from t2t_vit.inference import PRECISIONS, Inference, load
 
+WEIGHTS = {"preferred": None, "ema": True, "model": False}  # --weights → use_ema
+
 
 def add_model_args(parser: argparse.ArgumentParser, weights_default: str = "random initialisation") -> None:
-    """``--model`` (name or pretrained tag), ``--pretrained``, ``--checkpoint``, ``--img-size``, ``--stem``."""
+    """``--model`` (name or pretrained tag), ``--pretrained``, ``--checkpoint``, ``--weights``,
+    ``--img-size``, ``--stem``."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", help="registered model name or pretrained tag, e.g. t2t_vit_14 or "
                                        "t2t_vit_14.in1k (optional when the checkpoint names its model)")
@@ -21,6 +24,8 @@ def add_model_args(parser: argparse.ArgumentParser, weights_default: str = "rand
                        help="load the released weights of --model (downloaded once into the torch cache)")
     group.add_argument("--checkpoint", help=f"weights: .safetensors, .pth(.tar) or a save_pretrained folder "
                                             f"(default: {weights_default})")
+    group.add_argument("--weights", choices=list(WEIGHTS), default="preferred",
+                       help="which copy of a checkpoint with EMA weights to use (default: the one it prefers)")
     group.add_argument("--img-size", type=int, help="input size (default: the checkpoint's, else the model's)")
     group.add_argument("--stem", help="soft-split stem, e.g. 'small' (default: the checkpoint's)")
 
@@ -38,7 +43,7 @@ def add_runtime_args(parser: argparse.ArgumentParser, precision: bool = True) ->
 def model_source(args: argparse.Namespace) -> dict[str, Any]:
     """The keywords of :func:`t2t_vit.inference.load` that :func:`add_model_args` collected."""
     return dict(checkpoint=args.checkpoint, model=args.model, pretrained=args.pretrained,
-                img_size=args.img_size, stem=args.stem)
+                use_ema=WEIGHTS[args.weights], img_size=args.img_size, stem=args.stem)
 
 
 def load_inference(args: argparse.Namespace, device: str | None = None) -> Inference:
