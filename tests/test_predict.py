@@ -310,3 +310,20 @@ def test_weights_option_picks_the_ema_copy(small_checkpoint, images, tmp_path, c
         picked[weights] = json.loads(capsys.readouterr().out)[0]["predictions"][0]
     assert picked["ema"]["label"] == "ship" and picked["ema"]["probability"] > 0.99
     assert picked["preferred"] == picked["model"] != picked["ema"]
+
+
+@pytest.mark.parametrize("named", ["hf-hub:evil/model", "local-dir:/tmp", 5])
+def test_metadata_never_selects_a_remote_source(small_checkpoint, tmp_path, monkeypatch, named):
+    import socket
+
+    from t2t_vit.checkpoint import read_state_dict
+
+    lookups = []
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: lookups.append(a) or [])
+    path = tmp_path / "evil.safetensors"
+    save_file(read_state_dict(small_checkpoint[1]), str(path),
+              metadata=dict(model=named if isinstance(named, str) else json.dumps(named), num_classes="3",
+                            img_size="[32, 32]", stem="small"))
+    with pytest.raises(T2TViTError, match="not a registered model name"):
+        inference.load(checkpoint=path, device="cpu")
+    assert lookups == []

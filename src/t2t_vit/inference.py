@@ -240,6 +240,17 @@ class Inference:
                 yield path, tops.get(path), errors.get(path)
 
 
+def _check_named_model(checkpoint: str | Path, named: Any) -> None:
+    """A file's metadata names a registered architecture, never where to fetch one from (timm
+    reads "hf-hub:" and "local-dir:" prefixes as sources)."""
+    import timm
+
+    if named is None:
+        return
+    if not isinstance(named, str) or ":" in named or not timm.is_model(named):
+        raise T2TViTError(f"{checkpoint} names its model {named!r}, which is not a registered model name")
+
+
 def build_model(checkpoint: str | Path | None = None, model: str | None = None, pretrained: bool = False,
                 use_ema: bool | None = None, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
     """The model (not yet on a device) and the checkpoint's metadata ({} without a file).
@@ -255,6 +266,7 @@ def build_model(checkpoint: str | Path | None = None, model: str | None = None, 
         from t2t_vit.checkpoint import read_metadata
 
         meta = read_metadata(checkpoint)
+        _check_named_model(checkpoint, meta.get("model"))
         return model_from_checkpoint(checkpoint, model, use_ema=use_ema, **overrides), meta
     if not model:
         raise T2TViTError("name the model: --model NAME (with --pretrained for released weights) "
