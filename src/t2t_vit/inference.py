@@ -240,6 +240,16 @@ class Inference:
                 yield path, tops.get(path), errors.get(path)
 
 
+def _preprocessing_metadata(checkpoint: str | Path) -> dict[str, Any]:
+    """The metadata that carries ``data_config`` and ``class_names``: a safetensors header (read
+    without the tensors) or a ``save_pretrained`` folder's. Pickled checkpoints (the authors')
+    carry neither, so they are not unpickled a second time just to find that out."""
+    from t2t_vit.checkpoint import read_metadata
+
+    path = Path(checkpoint)
+    return read_metadata(path) if path.is_dir() or path.suffix == ".safetensors" else {}
+
+
 def _check_named_model(checkpoint: str | Path, named: Any) -> None:
     """A file's metadata names a registered architecture, never where to fetch one from (timm
     reads "hf-hub:" and "local-dir:" prefixes as sources)."""
@@ -263,9 +273,7 @@ def build_model(checkpoint: str | Path | None = None, model: str | None = None, 
             raise T2TViTError("--checkpoint and --pretrained both name weights; give one of them")
         if not Path(checkpoint).exists():
             raise T2TViTError(f"checkpoint {str(checkpoint)!r} does not exist")
-        from t2t_vit.checkpoint import read_metadata
-
-        meta = read_metadata(checkpoint)
+        meta = _preprocessing_metadata(checkpoint)
         _check_named_model(checkpoint, meta.get("model"))
         return model_from_checkpoint(checkpoint, model, use_ema=use_ema, **overrides), meta
     if not model:
