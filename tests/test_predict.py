@@ -327,3 +327,31 @@ def test_metadata_never_selects_a_remote_source(small_checkpoint, tmp_path, monk
     with pytest.raises(T2TViTError, match="not a registered model name"):
         inference.load(checkpoint=path, device="cpu")
     assert lookups == []
+
+
+def test_low_precision_uses_the_switchboard_model_when_there_is_one(small_checkpoint, images, monkeypatch):
+    """With ``t2t_vit.for_inference`` the model is converted once and fed inputs of its dtype,
+    with no autocast around the forward; without it, autocast as before."""
+    calls = []
+
+    def fake_for_inference(model, dtype):
+        calls.append(dtype)
+        return model.to(dtype)
+
+    monkeypatch.setattr(t2t_vit, "for_inference", fake_for_inference, raising=False)
+    seen = []
+    model = copy.deepcopy(small_checkpoint[0])
+    model.head.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, torch.is_autocast_enabled("cpu"))))
+    pictures = [Image.open(p).convert("RGB") for p in images[0]]
+    clf = inference.Inference(model, inference.data_config(model), ["cat", "dog", "ship"], precision="bf16")
+    top = clf.classify(pictures, topk=3, batch_size=1)
+    assert calls == [torch.bfloat16] and clf.input_dtype == torch.bfloat16
+    assert seen == [(torch.bfloat16, False)] * 2 and next(clf.model.parameters()).dtype == torch.bfloat16
+    assert sum(p for *_, p in top[0]) == pytest.approx(1.0, abs=1e-5)
+    monkeypatch.delattr(t2t_vit, "for_inference")
+    seen.clear()
+    plain = copy.deepcopy(small_checkpoint[0])
+    plain.head.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, torch.is_autocast_enabled("cpu"))))
+    inference.predict(plain, pictures[:1], ["cat", "dog", "ship"], precision="bf16")
+    assert calls == [torch.bfloat16] and seen[0][1] is True  # autocast, the model left in fp32
+    assert next(plain.parameters()).dtype == torch.float32
