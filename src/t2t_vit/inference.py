@@ -34,10 +34,14 @@ import t2t_vit
 from t2t_vit.errors import T2TViTError
 from t2t_vit.runtime import default_device
 
-try:
+try:  # the loading layer's build step, which returns the file's validated metadata with the model
     from t2t_vit.checkpoint import model_from_checkpoint
-except ImportError:  # the loading layer's home for it; older trees keep it in t2t_vit.pretrained
+
+    _BUILD_RETURNS_METADATA = True
+except ImportError:  # before that layer: the builder in t2t_vit.pretrained, metadata read here
     from t2t_vit.pretrained import model_from_checkpoint
+
+    _BUILD_RETURNS_METADATA = False
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
@@ -61,16 +65,16 @@ def _stored_data_config(meta: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("mean", "std"):
         if key in stored:
             values = stored[key]
-            ok = isinstance(values, (list, tuple)) and len(values) == 3 and all(
+            ok = isinstance(values, (list, tuple)) and 0 < len(values) <= 64 and all(
                 isinstance(v, (int, float)) and math.isfinite(v) for v in values)
             if not ok or (key == "std" and min(values) <= 0):
-                raise T2TViTError(f"the checkpoint's data_config {key} must be 3 finite numbers"
+                raise T2TViTError(f"the checkpoint's data_config {key} must be one finite number per channel"
                                   f"{' > 0' if key == 'std' else ''}, got {values!r}")
             out[key] = tuple(float(v) for v in values)
     if "crop_pct" in stored:
         crop = stored["crop_pct"]
-        if not isinstance(crop, (int, float)) or not 0 < crop <= 1:
-            raise T2TViTError(f"the checkpoint's data_config crop_pct must be in (0, 1], got {crop!r}")
+        if not isinstance(crop, (int, float)) or not 0 < crop <= 2:  # above 1 the crop is padded
+            raise T2TViTError(f"the checkpoint's data_config crop_pct must be in (0, 2], got {crop!r}")
         out["crop_pct"] = float(crop)
     if "interpolation" in stored:
         if stored["interpolation"] not in INTERPOLATIONS:
@@ -273,6 +277,8 @@ def build_model(checkpoint: str | Path | None = None, model: str | None = None, 
             raise T2TViTError("--checkpoint and --pretrained both name weights; give one of them")
         if not Path(checkpoint).exists():
             raise T2TViTError(f"checkpoint {str(checkpoint)!r} does not exist")
+        if _BUILD_RETURNS_METADATA:
+            return model_from_checkpoint(checkpoint, model, use_ema=use_ema, with_metadata=True, **overrides)
         meta = _preprocessing_metadata(checkpoint)
         _check_named_model(checkpoint, meta.get("model"))
         return model_from_checkpoint(checkpoint, model, use_ema=use_ema, **overrides), meta
