@@ -179,9 +179,8 @@ def test_predict_cli_agrees_with_eval_on_saved_digits(digits_run, capsys):
 @pytest.mark.parametrize("bad", [{"mean": "grey"}, {"std": [0.2, 0.0, 0.2]}, {"crop_pct": 2.5},
                                  {"interpolation": "cubic"}, "not json", [1, 2]])
 def test_malformed_data_config_is_one_clear_error(digits_run, tmp_path, bad):
-    from t2t_vit.checkpoint import read_state_dict
+    from t2t_vit.checkpoint import read_metadata, read_state_dict
     from t2t_vit.storage import encode_metadata
-    from t2t_vit.checkpoint import read_metadata
 
     _, with_config, _, _ = digits_run
     meta = read_metadata(with_config)
@@ -340,8 +339,12 @@ def test_low_precision_uses_the_switchboard_model_when_there_is_one(small_checkp
 
     monkeypatch.setattr(t2t_vit, "for_inference", fake_for_inference, raising=False)
     seen = []
+
+    def record(module, args, out):
+        seen.append((args[0].dtype, torch.is_autocast_enabled("cpu")))
+
     model = copy.deepcopy(small_checkpoint[0])
-    model.head.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, torch.is_autocast_enabled("cpu"))))
+    model.head.register_forward_hook(record)
     pictures = [Image.open(p).convert("RGB") for p in images[0]]
     clf = inference.Inference(model, inference.data_config(model), ["cat", "dog", "ship"], precision="bf16")
     top = clf.classify(pictures, topk=3, batch_size=1)
@@ -351,7 +354,7 @@ def test_low_precision_uses_the_switchboard_model_when_there_is_one(small_checkp
     monkeypatch.delattr(t2t_vit, "for_inference")
     seen.clear()
     plain = copy.deepcopy(small_checkpoint[0])
-    plain.head.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, torch.is_autocast_enabled("cpu"))))
+    plain.head.register_forward_hook(record)
     inference.predict(plain, pictures[:1], ["cat", "dog", "ship"], precision="bf16")
     assert calls == [torch.bfloat16] and seen[0][1] is True  # autocast, the model left in fp32
     assert next(plain.parameters()).dtype == torch.float32

@@ -305,7 +305,7 @@ def load(checkpoint: str | Path | None = None, model: str | None = None, pretrai
     """
     net, meta = build_model(checkpoint, model, pretrained, use_ema, **overrides)
     net = net.to(device or default_device()).eval()
-    name = model or meta.get("model") or getattr(net, "pretrained_cfg", {}).get("architecture") or "model"
+    name = model or meta.get("model") or (getattr(net, "pretrained_cfg", None) or {}).get("architecture") or "model"
     weights = "" if checkpoint is not None or pretrained else " (random weights)"
     return Inference(net, data_config(net, meta), class_names(getattr(net, "num_classes", 0), meta, net), meta,
                      precision, f"{name}{weights}")
