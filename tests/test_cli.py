@@ -83,3 +83,28 @@ def test_training_on_a_messy_folder_skips_bad_files_and_completes(tmp_path, caps
     assert "skipped 3 unusable file(s)" in text
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["skipped_files"] == 3 and metrics["steps"] == 3  # 12 usable train images / batch 4
+
+
+def test_optional_dependencies_live_in_extras():
+    """Every package a command names in its install hint is installed by that extra, not by default."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+
+    def names(requirements):
+        return {re.match(r"[A-Za-z0-9_.-]+", req).group(0).lower() for req in requirements}
+
+    extras = {extra: names(reqs) for extra, reqs in project["optional-dependencies"].items()}
+    for package, extra in [("onnx", "export"), ("onnxscript", "export"), ("onnxruntime", "export"),
+                           ("tensorboard", "tensorboard")]:
+        assert package in extras[extra] and package not in names(project["dependencies"]), (package, extra)
+
+
+def test_debug_anywhere_on_the_line_raises_with_the_cause(tmp_path, capsys):
+    argv = ["predict", str(tmp_path / "missing.png"), "--checkpoint", str(tmp_path / "none.safetensors")]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "does not exist" in err
+    with pytest.raises(t2t_vit.T2TViTError, match="does not exist"):
+        main(argv + ["--debug"])

@@ -88,3 +88,28 @@ def test_cli_writes_labelled_pngs(tmp_path, capsys):
     assert run_cli("visualize", "attention", *common, "--sample", "astronaut", "--output", str(attention)) == 0
     assert_real_png(attention, (1080, 390))
     assert "wrote" in capsys.readouterr().out
+
+
+def test_prepare_uses_the_checkpoints_statistics(model, tmp_path):
+    """The plotted input is normalised with the run's mean/std and shown back as the plain crop."""
+    from t2t_vit import inference
+    from t2t_vit.storage import save_weights
+
+    config = {"mean": [0.3, 0.3, 0.3], "std": [0.2, 0.2, 0.2], "crop_pct": 1.0, "interpolation": "bilinear"}
+    meta = dict(model="t2t_vit_t_14", num_classes=5, img_size=[32, 32], stem="small", model_kwargs={"depth": 3},
+                data_config=config)
+    path = save_weights(model, tmp_path / "m.safetensors", metadata=meta)
+    clf = inference.load(checkpoint=path, device="cpu")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    x, shown = visualize.prepare(clf, image)
+    plain = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+    torch.testing.assert_close(x[0], (plain - 0.3) / 0.2)
+    np.testing.assert_allclose(shown, np.asarray(image, dtype=np.float32) / 255, atol=1e-5)
+
+
+def test_matplotlib_is_set_up_in_one_place():
+    import inspect
+
+    source = inspect.getsource(visualize)
+    assert "import matplotlib" not in source
+    assert visualize.pyplot.__module__ == "t2t_vit.plotting"

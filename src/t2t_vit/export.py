@@ -4,20 +4,25 @@ ONNX goes through torch's ``torch.export``-based exporter (the default since PyT
 the batch dimension declared dynamic; TorchScript through tracing (the batch size is read from
 the input at run time, so a module traced at batch 1 runs any batch). The spatial size is fixed
 at export time, as the position table is. After writing, the file is run on a random batch and
-compared with PyTorch (onnxruntime for ONNX).
+compared with PyTorch (onnxruntime for ONNX) before it is renamed into place, so the output
+path holds a checked file or nothing new. The exporters need the ``export`` extra.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from t2t_vit.errors import T2TViTError
-from t2t_vit.predict import load_model
+from t2t_vit.cli_args import add_model_args, load_inference
+from t2t_vit.errors import T2TViTError, require
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -32,8 +37,9 @@ def example_input(model: nn.Module, batch: int = 1, seed: int = 0) -> Tensor:
 
 def export_onnx(model: nn.Module, output: str | Path, opset: int | None = None) -> Path:
     """Write ``model`` (eval mode) as one self-contained ONNX file with a dynamic batch axis."""
+    require("onnx", "export", "ONNX export")
+    require("onnxscript", "export", "ONNX export")  # torch's torch.export-based exporter translates with it
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.export's notes about specialised shapes
@@ -48,32 +54,75 @@ def export_onnx(model: nn.Module, output: str | Path, opset: int | None = None) 
 def export_torchscript(model: nn.Module, output: str | Path) -> Path:
     """Trace ``model`` (eval mode) at batch 1 and save it; it accepts any batch size."""
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         # Tracing warns that the token grid becomes a constant: intended, the input size is fixed.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still what the task asks for
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream; tracing still works
         traced = torch.jit.trace(model.eval(), example_input(model), check_trace=False)
     traced.save(str(output))
     return output
 
 
+@contextlib.contextmanager
+def staged(output: str | Path) -> Iterator[Path]:
+    """A temporary file beside ``output`` that replaces it only when the block succeeds.
+
+    Readers see no file or the whole new one: on any failure (read-only folder, disk full, an
+    exporter error, a failed check) the temporary file is removed and ``output`` is untouched.
+    """
+    output = Path(output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=output.suffix or ".tmp", dir=output.parent)
+        os.close(fd)
+    except OSError as err:
+        raise T2TViTError(f"cannot write {output}: {err.strerror or err}") from err
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, output)
+    except OSError as err:
+        raise T2TViTError(f"cannot write {output}: {err.strerror or err}; nothing was written") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+EXPORTERS: dict[str, Callable[..., Path]] = {"onnx": export_onnx, "torchscript": export_torchscript}
+
+
+def _exporter(fmt: str) -> Callable[..., Path]:
+    if fmt not in EXPORTERS:
+        raise T2TViTError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return EXPORTERS[fmt]
+
+
 def export_model(model: nn.Module, fmt: str, output: str | Path, opset: int | None = None) -> Path:
-    """Export in ``fmt`` ("onnx" or "torchscript")."""
-    if fmt == "onnx":
-        return export_onnx(model, output, opset)
-    if fmt == "torchscript":
-        return export_torchscript(model, output)
-    raise T2TViTError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    """Export in ``fmt`` ("onnx" or "torchscript") to ``output``, atomically, without a check."""
+    export = _exporter(fmt)
+    with staged(output) as tmp:
+        export(model, tmp, **({"opset": opset} if fmt == "onnx" else {}))
+    return Path(output)
+
+
+def export_checked(model: nn.Module, fmt: str, output: str | Path, opset: int | None = None, batch: int = 3,
+                   tolerance: float = 1e-4) -> tuple[Path, float]:
+    """Export, run the file on a random batch against PyTorch (:func:`check_export`), and only
+    then put it at ``output``; a difference above ``tolerance`` raises and writes nothing.
+    Returns the path and the difference."""
+    export = _exporter(fmt)
+    with staged(output) as tmp:
+        export(model, tmp, **({"opset": opset} if fmt == "onnx" else {}))
+        diff = check_export(model, tmp, fmt, batch=batch)
+        if not diff <= tolerance:  # a NaN difference fails too
+            raise T2TViTError(f"exported outputs differ from PyTorch by {diff:.2e} (> {tolerance:g}); "
+                              f"nothing was written")
+    return Path(output), diff
 
 
 def run_exported(path: str | Path, fmt: str, x: Tensor) -> np.ndarray:
     """Run an exported file on ``x`` (onnxruntime on the CPU for ONNX)."""
     if fmt == "onnx":
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise T2TViTError("checking an ONNX file needs onnxruntime: pip install 't2t-vit[export]'") from None
+        ort = require("onnxruntime", "export", "checking an ONNX file")
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return session.run(None, {session.get_inputs()[0].name: x.cpu().numpy()})[0]
     with warnings.catch_warnings():
@@ -95,27 +144,24 @@ def check_export(model: nn.Module, path: str | Path, fmt: str, batch: int = 2) -
 
 
 def run(args: argparse.Namespace) -> int:
-    model, _ = load_model(args.model, args.checkpoint, args.img_size, "cpu", stem=args.stem)
-    path = export_model(model, args.format, args.output, args.opset)
+    model = load_inference(args, device="cpu").model
+    if args.no_check:
+        path, diff = export_model(model, args.format, args.output, args.opset), None
+    else:
+        path, diff = export_checked(model, args.format, args.output, args.opset, args.check_batch, args.tolerance)
     size_mb = path.stat().st_size / 2**20
     print(f"wrote {path} ({args.format}, {size_mb:.1f} MB, input {INPUT_NAME} (batch, 3, {model.img_size[0]}, "
           f"{model.img_size[1]}) with dynamic batch)")
-    if not args.no_check:
-        diff = check_export(model, path, args.format, batch=args.check_batch)
+    if diff is not None:
         print(f"checked: batch {args.check_batch}, max |{args.format} - pytorch| = {diff:.2e}")
-        if diff > args.tolerance:
-            raise T2TViTError(f"exported outputs differ from PyTorch by {diff:.2e} (> {args.tolerance:g})")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="export a model to ONNX or TorchScript (dynamic batch)")
-    p.add_argument("--model", help="model name (optional when the checkpoint's metadata names it)")
-    p.add_argument("--checkpoint", help="weights (default: random initialisation)")
+    add_model_args(p)
     p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--output", required=True, help="file to write (.onnx or .pt)")
-    p.add_argument("--img-size", type=int, help="fixed input size (default: the checkpoint's, else 224)")
-    p.add_argument("--stem", help="soft-split stem, e.g. 'small' (default: the checkpoint's)")
+    p.add_argument("--output", required=True, help="file to write (.onnx or .pt); replaced only once checked")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--no-check", action="store_true", help="skip running the file against PyTorch")
     p.add_argument("--check-batch", type=int, default=3, help="batch size of the check (default 3)")

@@ -1,11 +1,11 @@
 """Process-wide CPU settings that the ``t2t-vit`` command applies before it starts work.
 
 glibc's malloc gives each large tensor its own ``mmap`` (or trims the heap once it is freed), so the
-next forward pass asks the kernel for the same memory again and page-faults every 4 KB of it. On
-the development machine a bf16 T2T-ViT-14 forward at batch 8 took ~10,000-14,000 such faults (in
-one measurement 116 ms per forward against 94 ms without them; the benchmark saw 3-11 %). Keeping freed memory in the heap for reuse removes them; that is what
-jemalloc or tcmalloc would do, without a new dependency. The price is that the process's resident
-memory no longer shrinks after a peak, which suits a training or inference process.
+next forward pass asks the kernel for the same memory again and page-faults every 4 KB of it.
+Keeping freed memory in the heap for reuse removes those faults; that is what jemalloc or tcmalloc
+would do, without a new dependency. The price is that the process's resident memory no longer
+shrinks after a peak, which suits a training or inference process. docs/benchmarks.md gives the
+measured effect and its command.
 
 Library users can call :func:`keep_freed_memory` themselves; ``T2T_VIT_MALLOC_TUNING=0`` turns it
 off for the command.

@@ -18,10 +18,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from t2t_vit.cli_args import add_model_args, add_runtime_args, load_inference
 from t2t_vit.errors import T2TViTError
+from t2t_vit.inference import Inference, read_image
 from t2t_vit.layers import Attention
 from t2t_vit.model import T2TViT
-from t2t_vit.predict import class_names, default_device, eval_transform, load_model, read_image
+from t2t_vit.plotting import pyplot, save_figure
 from t2t_vit.t2t import T2TModule
 
 SAMPLE_PHOTOS = ("chelsea", "astronaut", "coffee", "rocket")
@@ -36,15 +38,14 @@ def sample_image(name: str = "chelsea") -> Image.Image:
     return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
 
 
-def prepare(model: T2TViT, image: Image.Image) -> tuple[Tensor, np.ndarray]:
-    """The model's input (1, 3, H, W) and the same crop as an RGB array in [0, 1] for display."""
-    transform = eval_transform(model)
-    x = transform(image).unsqueeze(0)
-    normalize = transform.transforms[-1]
-    mean = torch.as_tensor(normalize.mean).view(3, 1, 1)
-    std = torch.as_tensor(normalize.std).view(3, 1, 1)
-    shown = (x[0] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-    return x.to(next(model.parameters()).device), shown
+def prepare(clf: Inference, image: Image.Image) -> tuple[Tensor, np.ndarray]:
+    """The model's input (1, 3, H, W), preprocessed as the weights were trained (the checkpoint's
+    mean/std/crop), and the same crop as an RGB array in [0, 1] for display."""
+    x = clf.tensor([image])
+    mean = torch.as_tensor(clf.config["mean"], dtype=torch.float32).view(3, 1, 1)
+    std = torch.as_tensor(clf.config["std"], dtype=torch.float32).view(3, 1, 1)
+    shown = (x[0].float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    return x, shown
 
 
 def default_blocks(depth: int) -> list[int]:
@@ -65,12 +66,19 @@ def feature_maps(model: T2TViT, x: Tensor, blocks: Sequence[int]) -> list[tuple[
         raise T2TViTError(f"block numbers must be between 1 and {depth} for this model, got {bad}")
     maps: list[tuple[str, Tensor]] = []
     if isinstance(model.tokens_to_token, T2TModule):
-        _, stages = model.tokens_to_token(x, return_stages=True)
+        _, stages = _t2t_stages(model.tokens_to_token, x)
         maps += [(f"T2T layer {i}", stage[0]) for i, stage in enumerate(stages, 1)]
     indices = sorted(set(b - 1 for b in blocks))
     outputs = model.forward_intermediates(x, indices=indices, intermediates_only=True, output_fmt="NCHW")
     maps += [(f"block {i + 1}", out[0]) for i, out in zip(indices, outputs)]
     return maps
+
+
+def _t2t_stages(t2t: T2TModule, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """The T2T module's tokens and its re-structurized token images, one per T2T layer."""
+    if hasattr(t2t, "forward_stages"):  # the scriptable module: stages from a method of their own
+        return t2t.forward_stages(x)
+    return t2t(x, return_stages=True)
 
 
 def _normalise(img: Tensor) -> np.ndarray:
@@ -84,7 +92,7 @@ def plot_features(
     image: np.ndarray, maps: Sequence[tuple[str, Tensor]], channels: int, output: str | Path, title: str
 ) -> Path:
     """A grid: one row per stage (input image first), one column per channel."""
-    plt = _pyplot()
+    plt = pyplot()
     rows, cols = len(maps), channels + 1
     fig, axes = plt.subplots(rows, cols, figsize=(1.0 * cols + 0.6, 1.05 * rows + 0.7), squeeze=False)
     for row, (label, fmap) in enumerate(maps):
@@ -102,7 +110,7 @@ def plot_features(
     axes[0, 0].set_title("input", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, output)
+    return save_figure(fig, output)
 
 
 @torch.no_grad()
@@ -154,7 +162,7 @@ def cls_attention(model: T2TViT, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def plot_attention(image: np.ndarray, maps: Sequence[tuple[str, Tensor]], output: str | Path, title: str) -> Path:
     """Input image, then each (h, w) map upsampled to the image and overlaid as a heat map."""
-    plt = _pyplot()
+    plt = pyplot()
     height, width = image.shape[:2]
     fig, axes = plt.subplots(1, len(maps) + 1, figsize=(3.6 * (len(maps) + 1), 3.9))
     axes[0].imshow(image)
@@ -170,26 +178,7 @@ def plot_attention(image: np.ndarray, maps: Sequence[tuple[str, Tensor]], output
         ax.set_yticks([])
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    return _save(fig, output)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers and CI
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, output: str | Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, output)
 
 
 def _image(args: argparse.Namespace) -> tuple[Image.Image, str]:
@@ -198,31 +187,28 @@ def _image(args: argparse.Namespace) -> tuple[Image.Image, str]:
     return sample_image(args.sample), f"skimage '{args.sample}'"
 
 
-def _describe(args: argparse.Namespace, meta: dict) -> str:
-    return (args.model or meta.get("model", "model")) + ("" if args.checkpoint else " (random weights)")
-
-
 def run_features(args: argparse.Namespace) -> int:
-    model, meta = load_model(args.model, args.checkpoint, args.img_size, args.device, stem=args.stem)
+    clf = load_inference(args)
+    model = clf.model
     image, source = _image(args)
-    x, shown = prepare(model, image)
+    x, shown = prepare(clf, image)
     blocks = [int(b) for b in args.blocks.split(",")] if args.blocks else default_blocks(len(model.blocks))
     maps = feature_maps(model, x, blocks)
-    title = f"{_describe(args, meta)}: token features reshaped to images, first {args.channels} channels — {source}"
+    title = f"{clf.description}: token features reshaped to images, first {args.channels} channels — {source}"
     path = plot_features(shown, maps, args.channels, args.output, title)
     print(f"wrote {path} ({', '.join(f'{label} {tuple(m.shape)}' for label, m in maps)})")
     return 0
 
 
 def run_attention(args: argparse.Namespace) -> int:
-    model, meta = load_model(args.model, args.checkpoint, args.img_size, args.device, stem=args.stem)
+    clf = load_inference(args)
+    model = clf.model
     image, source = _image(args)
-    x, shown = prepare(model, image)
+    x, shown = prepare(clf, image)
     last, rolled, logits = cls_attention(model, x)
-    title = f"{_describe(args, meta)}: class-token attention — {source}"
-    if args.checkpoint and model.num_classes:
-        index = int(logits[0].argmax())
-        title += f"\nprediction: {class_names(model.num_classes, meta)[index]}"
+    title = f"{clf.description}: class-token attention — {source}"
+    if (args.checkpoint or args.pretrained) and model.num_classes:
+        title += f"\nprediction: {clf.class_names[int(logits[0].argmax())]}"
     maps = [(f"block {len(model.blocks)} cls attention (head mean)", last), ("attention rollout", rolled)]
     path = plot_attention(shown, maps, args.output, title)
     print(f"wrote {path} (token grid {tuple(last.shape)}, {len(model.blocks)} blocks rolled out)")
@@ -230,14 +216,11 @@ def run_attention(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="model name (optional when the checkpoint's metadata names it)")
-    p.add_argument("--checkpoint", help="weights (default: random initialisation)")
+    add_model_args(p)
+    add_runtime_args(p, precision=False)
     p.add_argument("--image", help="image file (default: a scikit-image sample photograph)")
     p.add_argument("--sample", default="chelsea", choices=SAMPLE_PHOTOS, help="which sample photo without --image")
     p.add_argument("--output", required=True, help="PNG file to write")
-    p.add_argument("--img-size", type=int, help="input size (default: the checkpoint's, else 224)")
-    p.add_argument("--stem", help="soft-split stem, e.g. 'small' (default: the checkpoint's)")
-    p.add_argument("--device", default=default_device(), help="torch device (default: cuda if available)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

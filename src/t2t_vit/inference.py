@@ -1,0 +1,323 @@
+"""Inference as a library: a model ready to classify, its preprocessing, batching and precision.
+
+``load`` builds an :class:`Inference` from one of three sources of weights: a checkpoint file
+(the model it describes, via :func:`t2t_vit.checkpoint.model_from_checkpoint`), a registered
+model or pretrained tag (``t2t_vit.create_model(name, pretrained=True)``), or a model name alone
+(random weights, for export and visualisation). The preprocessing is the evaluation transform the
+weights were trained with: the checkpoint's ``data_config`` (mean, std, crop fraction,
+interpolation) when it stores one, else timm's ``resolve_data_config`` for the model (its
+pretrained config). Images are decoded by the training loader's reader
+(:func:`t2t_vit.data.folder.load_image`), so a file gives the same pixels here as in training.
+
+    from t2t_vit import inference
+    clf = inference.load(checkpoint="runs/demo/checkpoint-best.safetensors")
+    for path, top, error in clf.classify_files(["a.png", "b.jpg"], topk=3):
+        ...
+
+The ``predict``, ``visualize`` and ``export`` commands parse their arguments, call this module
+and print.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence, TypeVar
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor, nn
+
+import t2t_vit
+from t2t_vit.errors import T2TViTError
+from t2t_vit.runtime import default_device
+
+try:  # the loading layer's build step, which returns the file's validated metadata with the model
+    from t2t_vit.checkpoint import model_from_checkpoint
+
+    _BUILD_RETURNS_METADATA = True
+except ImportError:  # before that layer: the builder in t2t_vit.pretrained, metadata read here
+    from t2t_vit.pretrained import model_from_checkpoint
+
+    _BUILD_RETURNS_METADATA = False
+
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+T = TypeVar("T")
+
+
+# ---- preprocessing ---------------------------------------------------------------------------
+def _stored_data_config(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint's ``data_config``, checked field by field ({} when it has none)."""
+    stored = meta.get("data_config")
+    if stored is None or stored == "":
+        return {}
+    if isinstance(stored, str):
+        try:
+            stored = json.loads(stored)
+        except json.JSONDecodeError as err:
+            raise T2TViTError(f"the checkpoint's data_config is not JSON: {err}") from err
+    if not isinstance(stored, Mapping):
+        raise T2TViTError(f"the checkpoint's data_config must be a mapping, got {type(stored).__name__}")
+    out: dict[str, Any] = {}
+    for key in ("mean", "std"):
+        if key in stored:
+            values = stored[key]
+            ok = isinstance(values, (list, tuple)) and 0 < len(values) <= 64 and all(
+                isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+            if not ok or (key == "std" and min(values) <= 0):
+                raise T2TViTError(f"the checkpoint's data_config {key} must be one finite number per channel"
+                                  f"{' > 0' if key == 'std' else ''}, got {values!r}")
+            out[key] = tuple(float(v) for v in values)
+    if "crop_pct" in stored:
+        crop = stored["crop_pct"]
+        if not isinstance(crop, (int, float)) or not 0 < crop <= 2:  # above 1 the crop is padded
+            raise T2TViTError(f"the checkpoint's data_config crop_pct must be in (0, 2], got {crop!r}")
+        out["crop_pct"] = float(crop)
+    if "interpolation" in stored:
+        if stored["interpolation"] not in INTERPOLATIONS:
+            raise T2TViTError(f"the checkpoint's data_config interpolation must be one of "
+                              f"{', '.join(INTERPOLATIONS)}, got {stored['interpolation']!r}")
+        out["interpolation"] = stored["interpolation"]
+    if stored.get("crop_mode") in ("center", "squash", "border"):
+        out["crop_mode"] = stored["crop_mode"]
+    return out
+
+
+def data_config(model: nn.Module, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluation preprocessing for ``model``: timm's ``input_size``/``interpolation``/``mean``/
+    ``std``/``crop_pct``/``crop_mode``.
+
+    The checkpoint's stored ``data_config`` wins field by field over timm's
+    ``resolve_data_config`` for the model. The input size is always the model's own (an
+    ``--img-size`` override changes the model, so the crop follows it).
+    """
+    from timm.data import resolve_data_config
+
+    args = {"input_size": (3, *model.img_size)} if hasattr(model, "img_size") else {}
+    config = dict(resolve_data_config(args, model=model))
+    config.update(_stored_data_config(meta or {}))
+    return config
+
+
+def eval_transform(config: Mapping[str, Any]) -> Callable[[Image.Image], Tensor]:
+    """timm's evaluation transform (resize, centre crop, normalise) for a :func:`data_config`."""
+    from timm.data import create_transform
+
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    return create_transform(**{k: config[k] for k in keys if k in config}, is_training=False)
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """An upright RGB image decoded as the training loader decodes it (16-bit greys scaled,
+    EXIF orientation applied, decompression bombs refused); one sentence when it cannot be."""
+    from t2t_vit.data.folder import load_image
+
+    try:
+        return load_image(str(path))
+    except FileNotFoundError as err:
+        raise T2TViTError(f"cannot read {str(path)!r}: no such file") from err
+    except IsADirectoryError as err:
+        raise T2TViTError(f"cannot read {str(path)!r}: it is a directory") from err
+    except UnidentifiedImageError as err:
+        raise T2TViTError(f"cannot read {str(path)!r}: not an image format PIL recognises") from err
+    except Image.DecompressionBombError as err:
+        raise T2TViTError(f"cannot read {str(path)!r}: image too large (decompression bomb)") from err
+    except (OSError, ValueError, EOFError, SyntaxError) as err:  # PIL's ways of reporting damaged data
+        raise T2TViTError(f"cannot read {str(path)!r}: {err}") from err
+
+
+def class_names(num_classes: int, meta: Mapping[str, Any] | None = None, model: nn.Module | None = None) -> list[str]:
+    """Names from the checkpoint, else the pretrained config's ``label_names``, else ImageNet's
+    for 1000 classes, else ``class_<i>``."""
+    for stored in ((meta or {}).get("class_names"), (getattr(model, "pretrained_cfg", None) or {}).get("label_names")):
+        if isinstance(stored, (list, tuple)) and len(stored) == num_classes and num_classes:
+            return [str(n) for n in stored]
+    if num_classes == 1000:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return [info.index_to_description(i) for i in range(num_classes)]
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of ``size`` items (the last may be shorter)."""
+    if size < 1:
+        raise T2TViTError(f"batch size must be at least 1, got {size}")
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ---- precision -------------------------------------------------------------------------------
+def _for_inference() -> Callable[[nn.Module, torch.dtype], nn.Module] | None:
+    """The switchboard's explicit low-precision model builder, where this build has one."""
+    return getattr(t2t_vit, "for_inference", None)
+
+
+def with_precision(model: nn.Module, precision: str) -> tuple[nn.Module, Callable[[], ContextManager], torch.dtype]:
+    """(model, context each forward runs in, input dtype) for ``precision`` "fp32"|"bf16"|"fp16".
+
+    With ``t2t_vit.for_inference`` the model itself becomes a low-precision model once (its
+    Performer feature maps stay fp32) and inputs are cast to that dtype; without it the fp32
+    model runs under ``torch.autocast``. In both, logits are turned to fp32 before the softmax.
+    """
+    if precision not in PRECISIONS:
+        raise T2TViTError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return model, contextlib.nullcontext, torch.float32
+    for_inference = _for_inference()
+    if for_inference is not None:
+        return for_inference(model, dtype), contextlib.nullcontext, dtype
+    device_type = next(model.parameters()).device.type
+    return model, lambda: torch.autocast(device_type=device_type, dtype=dtype), torch.float32
+
+
+# ---- the inference object --------------------------------------------------------------------
+@dataclass
+class Inference:
+    """An eval-mode model with the preprocessing, class names and precision it runs with."""
+
+    model: nn.Module
+    config: dict[str, Any]
+    class_names: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"
+    description: str = "model"
+
+    def __post_init__(self) -> None:
+        self.model.eval()
+        self.transform = eval_transform(self.config)
+        self.model, self._context, self.input_dtype = with_precision(self.model, self.precision)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def tensor(self, images: Sequence[Image.Image]) -> Tensor:
+        """The preprocessed batch (B, 3, H, W) on the model's device, in its input dtype."""
+        return torch.stack([self.transform(im) for im in images]).to(self.device, self.input_dtype)
+
+    @torch.no_grad()
+    def logits(self, batch: Tensor) -> Tensor:
+        """fp32 logits of a preprocessed batch."""
+        with self._context():
+            return self.model(batch.to(self.device, self.input_dtype)).float()
+
+    def _top(self, logits: Tensor, topk: int) -> list[list[tuple[int, str, float]]]:
+        k = max(1, min(topk, len(self.class_names)))
+        probs, indices = logits.softmax(dim=-1).topk(k, dim=-1)
+        return [[(i, self.class_names[i], p) for i, p in zip(i_row, p_row)]
+                for p_row, i_row in zip(probs.tolist(), indices.tolist())]
+
+    def classify(self, images: Sequence[Image.Image], topk: int = 5,
+                 batch_size: int = 32) -> list[list[tuple[int, str, float]]]:
+        """Top-k (index, class name, probability) per image, most probable first."""
+        results: list[list[tuple[int, str, float]]] = []
+        for batch in batched(images, batch_size):
+            results += self._top(self.logits(self.tensor(batch)), topk)
+        return results
+
+    def classify_files(self, paths: Iterable[str | Path], topk: int = 5, batch_size: int = 32
+                       ) -> Iterator[tuple[str, list[tuple[int, str, float]] | None, T2TViTError | None]]:
+        """(path, top-k, None) per readable file and (path, None, error) per unreadable one, in
+        order of the files; images are decoded one batch at a time, so any number of files fits."""
+        for chunk in batched(paths, batch_size):
+            readable, images, errors = [], [], {}
+            for path in chunk:
+                try:
+                    images.append(read_image(path))
+                    readable.append(str(path))
+                except T2TViTError as err:
+                    errors[str(path)] = err
+            tops = dict(zip(readable, self.classify(images, topk, batch_size))) if images else {}
+            for path in map(str, chunk):
+                yield path, tops.get(path), errors.get(path)
+
+
+def _preprocessing_metadata(checkpoint: str | Path) -> dict[str, Any]:
+    """The metadata that carries ``data_config`` and ``class_names``: a safetensors header (read
+    without the tensors) or a ``save_pretrained`` folder's. Pickled checkpoints (the authors')
+    carry neither, so they are not unpickled a second time just to find that out."""
+    from t2t_vit.checkpoint import read_metadata
+
+    path = Path(checkpoint)
+    return read_metadata(path) if path.is_dir() or path.suffix == ".safetensors" else {}
+
+
+def _check_named_model(checkpoint: str | Path, named: Any) -> None:
+    """A file's metadata names a registered architecture, never where to fetch one from (timm
+    reads "hf-hub:" and "local-dir:" prefixes as sources)."""
+    import timm
+
+    if named is None:
+        return
+    if not isinstance(named, str) or ":" in named or not timm.is_model(named):
+        raise T2TViTError(f"{checkpoint} names its model {named!r}, which is not a registered model name")
+
+
+def build_model(checkpoint: str | Path | None = None, model: str | None = None, pretrained: bool = False,
+                use_ema: bool | None = None, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """The model (not yet on a device) and the checkpoint's metadata ({} without a file).
+
+    ``overrides`` (``img_size``, ``stem``, ...; None values ignored) win over the metadata.
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if checkpoint is not None:
+        if pretrained:
+            raise T2TViTError("--checkpoint and --pretrained both name weights; give one of them")
+        if not Path(checkpoint).exists():
+            raise T2TViTError(f"checkpoint {str(checkpoint)!r} does not exist")
+        if _BUILD_RETURNS_METADATA:
+            return model_from_checkpoint(checkpoint, model, use_ema=use_ema, with_metadata=True, **overrides)
+        meta = _preprocessing_metadata(checkpoint)
+        _check_named_model(checkpoint, meta.get("model"))
+        return model_from_checkpoint(checkpoint, model, use_ema=use_ema, **overrides), meta
+    if not model:
+        raise T2TViTError("name the model: --model NAME (with --pretrained for released weights) "
+                          "or --checkpoint FILE")
+    return t2t_vit.create_model(model, pretrained=pretrained, **overrides), {}
+
+
+def load(checkpoint: str | Path | None = None, model: str | None = None, pretrained: bool = False,
+         device: str | torch.device | None = None, precision: str = "fp32", use_ema: bool | None = None,
+         **overrides: Any) -> Inference:
+    """An :class:`Inference` from a checkpoint, a pretrained tag or a model name (random weights).
+
+    Args:
+        checkpoint: our ``.safetensors``/``.pth``, the authors' ``.pth.tar``, or a
+            ``save_pretrained`` directory; the model is the one it describes.
+        model: a registered name or pretrained tag (``t2t_vit_14``, ``t2t_vit_14.in1k``); needed
+            with a checkpoint only when the file does not name its model.
+        pretrained: load the released weights of ``model`` (``create_model(..., pretrained=True)``).
+        device: torch device; default :func:`t2t_vit.runtime.default_device`.
+        precision: "fp32", "bf16" or "fp16".
+        overrides: model arguments that win over the checkpoint (``img_size=64``, ``stem="small"``).
+    """
+    net, meta = build_model(checkpoint, model, pretrained, use_ema, **overrides)
+    net = net.to(device or default_device()).eval()
+    name = model or meta.get("model") or (getattr(net, "pretrained_cfg", None) or {}).get("architecture") or "model"
+    weights = "" if checkpoint is not None or pretrained else " (random weights)"
+    return Inference(net, data_config(net, meta), class_names(getattr(net, "num_classes", 0), meta, net), meta,
+                     precision, f"{name}{weights}")
+
+
+def predict(model: nn.Module, images: Sequence[Image.Image], names: Sequence[str], topk: int = 5,
+            batch_size: int = 32, precision: str = "fp32", meta: Mapping[str, Any] | None = None
+            ) -> list[list[tuple[int, str, float]]]:
+    """Top-k (index, class name, probability) per image for a model already built.
+
+    The preprocessing is :func:`data_config` of the model and ``meta`` (the checkpoint's
+    metadata). With ``t2t_vit.for_inference`` a low ``precision`` converts ``model`` itself.
+    """
+    config = data_config(model, meta)
+    return Inference(model, config, list(names), dict(meta or {}), precision).classify(images, topk, batch_size)
