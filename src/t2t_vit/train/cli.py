@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 import time
 
+from t2t_vit.cli_args import add_model_args, add_runtime_args
 from t2t_vit.errors import T2TViTError
+from t2t_vit.model import to_2tuple_size
 from t2t_vit.train.checks import pretrained_tag, read_yaml
 from t2t_vit.train.config import DEMO_RECIPE, FIELD_TYPES, FIELDS, TrainConfig, list_recipes, load_config
 
@@ -86,19 +88,15 @@ def register(subparsers) -> None:
         _add_field(p, field)
     p.set_defaults(func=run_train)
 
-    e = subparsers.add_parser("eval", help="evaluate a checkpoint: loss, top-1, top-5, throughput")
-    e.add_argument("--checkpoint", required=True, help="our .safetensors or the authors' .pth/.pth.tar")
-    e.add_argument("--model", help="model name (read from our checkpoints when omitted)")
+    e = subparsers.add_parser("eval", help="evaluate a checkpoint or released weights: loss, top-1, top-5, throughput")
+    add_model_args(e, weights_default="required: --checkpoint, or --model TAG --pretrained")
+    add_runtime_args(e, precision=False)
     e.add_argument("--data", default="digits")
-    e.add_argument("--img-size", type=lambda s: int(s) if s.isdigit() else [int(v) for v in s.split(",")])
-    e.add_argument("--stem", help="soft-split schedule (read from our checkpoints when omitted)")
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--workers", type=int, help="loader processes (default: 0 for in-memory data sets, "
                    "else up to 8, never more than the CPUs)")
     e.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     e.add_argument("--crop-pct", type=float)
-    e.add_argument("--weights", choices=["preferred", "ema", "model"], default="preferred",
-                   help="which copy of our checkpoints to use")
     e.set_defaults(func=run_eval)
 
 
@@ -123,15 +121,28 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_model(args: argparse.Namespace):
+    """The model to evaluate and the preprocessing it was trained with (None: the data set's)."""
+    from t2t_vit.cli_args import model_source
+    from t2t_vit.inference import build_model, data_config
+
+    if not args.checkpoint and not args.pretrained:
+        raise T2TViTError("name the weights to evaluate: --checkpoint FILE, or --model TAG --pretrained")
+    source = model_source(args)
+    if args.img_size and not args.stem and to_2tuple_size(args.img_size)[0] <= 64:
+        source["stem"] = "small"  # a small input without a stem: the small-image schedule
+    model, meta = build_model(**source)
+    stored = meta.get("data_config") or (data_config(model, meta) if args.pretrained else None)
+    return model, meta, stored
+
+
 def run_eval(args: argparse.Namespace) -> int:
     import os
 
     import torch
     from torch.utils.data import DataLoader
 
-    from t2t_vit.checkpoint import read_metadata
     from t2t_vit.data import available_cores, create_datasets, resolve_workers
-    from t2t_vit.pretrained import model_from_checkpoint
     from t2t_vit.runtime import default_device
     from t2t_vit.train.evaluate import evaluate
 
@@ -139,18 +150,17 @@ def run_eval(args: argparse.Namespace) -> int:
         raise T2TViTError(f"--batch-size must be positive, got {args.batch_size}")
     if args.data != "digits" and not os.path.exists(args.data):
         raise T2TViTError(f"data path {args.data!r} does not exist")
-    meta = read_metadata(args.checkpoint)
-    img_size = args.img_size or meta.get("img_size") or 224
-    stem = args.stem or meta.get("stem") or ("small" if img_size in (32, [32, 32]) else "imagenet")
-    saved = meta.get("data_config") if isinstance(meta.get("data_config"), dict) else {}
+    model, meta, saved = _eval_model(args)
+    img_size = getattr(model, "img_size", None) or tuple((saved or {}).get("input_size", (3, 224, 224))[1:])
+    saved = saved or {}
     bundle = create_datasets(args.data, img_size, None, crop_pct=args.crop_pct or saved.get("crop_pct"),
                              interpolation=saved.get("interpolation", "bicubic"), mean=saved.get("mean"),
                              std=saved.get("std"))
-    model = model_from_checkpoint(
-        args.checkpoint, args.model, use_ema=None if args.weights == "preferred" else args.weights == "ema",
-        img_size=img_size, stem=stem, num_classes=None if "num_classes" in meta else bundle.num_classes,
-    )
-    device = torch.device(default_device())
+    classes = getattr(model, "num_classes", bundle.num_classes)
+    if classes != bundle.num_classes:
+        raise T2TViTError(f"the model has {classes} classes but {args.data} has {bundle.num_classes}; "
+                          "evaluate on the data set it was trained for")
+    device = torch.device(args.device or default_device())
     workers, _ = resolve_workers(args.workers, bundle, training=False)
     if device.type == "cpu" and workers:  # intra-op threads and loader workers must not share cores
         torch.set_num_threads(max(1, min(torch.get_num_threads(), available_cores() - workers)))
