@@ -25,7 +25,7 @@ from t2t_vit.bench import (
     bench_model, build_case, format_table, forward_flops, make_step, time_alternating, training_memory,
 )
 from t2t_vit.layers import Attention, AttentionCore
-from t2t_vit.switchboard import choices_of, configure, reference_formulation
+from t2t_vit.switchboard import choices_of, configure, for_inference, reference_formulation
 from t2t_vit.t2t import PerformerCore, SoftSplit, TokenPerformer, performer_attention, performer_features
 
 torch.set_num_threads(1)  # the machine is shared; tiny sizes are fast on one thread
@@ -219,6 +219,66 @@ def test_bf16_full_size_features_track_fp32(name):
     cosine = F.cosine_similarity(fp32, bf16.float(), dim=-1)  # per token
     assert cosine.min() > 0.999  # measured 0.99992
     assert (fp32 - bf16.float()).norm() / fp32.norm() < 0.03  # bf16 keeps ~3 digits; measured 0.011
+
+
+# ---- for_inference: an explicit bf16 model (opt-in) --------------------------------------------
+def test_for_inference_casts_weights_once_and_keeps_performer_projection_fp32():
+    model = for_inference(tiny())
+    assert not model.training
+    dtypes = {name: t.dtype for name, t in model.state_dict().items()}
+    assert {n for n, d in dtypes.items() if d == torch.float32} == {
+        "tokens_to_token.attention1.w", "tokens_to_token.attention2.w"}
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if not n.endswith(".w"))
+    fp32 = tiny().eval()
+    torch.testing.assert_close(model.tokens_to_token.attention1.w, fp32.tokens_to_token.attention1.w, rtol=0, atol=0)
+
+    weights = [t for t in model.state_dict(keep_vars=True).values()]
+    casts = []
+
+    class WeightCasts(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = getattr(func, "__name__", "")
+            if name in ("to", "float", "half", "bfloat16", "type") and any(args[0] is w for w in weights):
+                if out is not args[0]:  # a real copy, not a no-op cast to the dtype it already has
+                    casts.append(name)
+            return out
+
+    x = torch.randn(2, 3, 16, 16)  # float32 images are fine: the model casts its input
+    with torch.inference_mode(), WeightCasts():
+        out = model(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert casts == []  # no per-call weight casting
+
+
+@pytest.mark.parametrize("name", ["t2t_vit_14", "t2t_vit_t_14"])
+def test_for_inference_full_size_features_track_fp32(name):
+    torch.manual_seed(0)
+    model = t2t_vit.create_model(name).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        fp32 = model.forward_features(x)
+        bf16 = for_inference(model).forward_features(x)
+    assert bf16.dtype == torch.bfloat16 and torch.isfinite(bf16).all()
+    cosine = F.cosine_similarity(fp32, bf16.float(), dim=-1)  # per token
+    assert cosine.min() > 0.999
+    assert (fp32 - bf16.float()).norm() / fp32.norm() < 0.03
+
+
+@pytest.mark.e2e
+def test_for_inference_bf16_agrees_with_fp32_on_held_out_digits():
+    import copy
+
+    model = tiny(embed_dim=64, token_dim=16)
+    train_x, train_y, test_x, test_y = digits_data(16)
+    train_briefly(model, train_x, train_y, steps=150)
+    model.eval()
+    with torch.inference_mode():
+        fp32 = model(test_x)
+        bf16 = for_inference(copy.deepcopy(model))(test_x).float()
+    accuracy = (fp32.argmax(-1) == test_y).float().mean().item()
+    assert accuracy > 0.7
+    assert (fp32.argmax(-1) == bf16.argmax(-1)).float().mean().item() >= 0.99
 
 
 @pytest.mark.e2e

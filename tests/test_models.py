@@ -392,3 +392,25 @@ def test_unknown_model_suggests_close_names():
 def test_pretrained_without_file_refuses_to_download():
     with pytest.raises(T2TViTError, match="never downloads"):
         create_model("t2t_vit_7", pretrained=True)
+
+
+# ---- Token Labeling auxiliary head ---------------------------------------------------------------
+
+def test_token_label_head_adds_half_the_best_patch_token_logits():
+    model = small("t2t_vit_24", token_label_head=True).eval()
+    state = model.state_dict()
+    assert state["aux_head.weight"].shape == (7, 512) and state["aux_head.bias"].shape == (7,)
+    assert "aux_head.weight" not in small("t2t_vit_24").state_dict()  # off unless asked
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        cls_logits = feats[:, 0] @ model.head.weight.t() + model.head.bias
+        patch_logits = feats[:, 1:] @ model.aux_head.weight.t() + model.aux_head.bias  # (B, 16, 7)
+        expected = cls_logits + 0.5 * patch_logits.max(dim=1).values
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(model(x), cls_logits, atol=1e-3)  # the auxiliary term counts
+        torch.testing.assert_close(torch.jit.script(model)(x), expected, rtol=1e-5, atol=1e-5)
+    model.reset_classifier(0)
+    assert "aux_head.weight" not in model.state_dict() and model(x).shape == (3, 512)
+    model.reset_classifier(4)
+    assert model.state_dict()["aux_head.weight"].shape == (4, 512) and model(x).shape == (3, 4)
