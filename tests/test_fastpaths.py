@@ -431,3 +431,37 @@ def test_bench_reports_a_case_that_runs_out_of_memory_and_goes_on(monkeypatch):
                        img_size=32, log=logged.append)
     assert [(r["mode"], r.get("out_of_memory", False)) for r in rows] == [("fp32", True), ("reference", False)]
     assert logged == ["t2t_vit_7 infer batch 1 fp32: out of memory"]
+
+
+# ---- the measured attention rule -----------------------------------------------------------
+def test_auto_kernel_is_never_slower_than_math_in_the_shipped_measurement():
+    import json
+    from pathlib import Path
+
+    from t2t_vit.switchboard import auto_kernel
+
+    results = json.loads((Path(__file__).parents[1] / "benchmarks" / "results-attention-kernels.json").read_text())
+    assert len(results["cases"]) >= 16
+    for case in results["cases"]:
+        dtype = getattr(torch, case["dtype"])
+        choice = auto_kernel("cpu", dtype, case["tokens"], case["grad"])
+        chosen_ms = case["fused_ms"] if choice == "fused" else case["math_ms"]
+        assert chosen_ms <= case["math_ms"], case
+        start = results["fused_from"][f"{case['dtype']}/{'train' if case['grad'] else 'infer'}"]
+        assert choice == ("fused" if case["tokens"] >= start else "math"), case  # the rule is the measurement's
+    assert auto_kernel("cuda", torch.bfloat16, 197, False) == "fused"
+    assert auto_kernel("cpu", torch.float16, 197, False) == "math"  # unmeasured: plain matmuls
+
+
+def test_attention_kernels_reports_each_attention_for_a_case():
+    from t2t_vit.switchboard import auto_kernel
+
+    model = t2t_vit.create_model("t2t_vit_t_14", depth=2)
+    kernels = t2t_vit.attention_kernels(model, dtype=torch.bfloat16, grad=False)
+    assert list(kernels) == ["tokens_to_token.attention1.attn.core", "tokens_to_token.attention2.attn.core",
+                             "blocks.0.attn.core", "blocks.1.attn.core"]
+    assert kernels["tokens_to_token.attention1.attn.core"] == auto_kernel("cpu", torch.bfloat16, 3136, False)
+    assert kernels["blocks.0.attn.core"] == auto_kernel("cpu", torch.bfloat16, 197, False)
+    configure(model, attention="fused")
+    assert set(t2t_vit.attention_kernels(model).values()) == {"fused"}
+    assert next(model.parameters()).device.type == "cpu"  # counted on a meta copy
