@@ -87,7 +87,6 @@ class T2TViT(nn.Module):
         self.num_prefix_tokens = 1
         self.grad_checkpointing = False
         self.embed_dim = embed_dim
-
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.tokens_to_token = build_tokenizer(
             tokenizer, in_chans, embed_dim, token_dim, stem, patch_size,
@@ -108,14 +107,16 @@ class T2TViT(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.token_label_head = token_label_head
         self.aux_head = self._aux_head(num_classes)
-        self.feature_info = []
-        width = embed_dim
-        for index, blk in enumerate(self.blocks):
-            width = _out_width(blk, width)
-            self.feature_info.append(dict(module=f"blocks.{index}", num_chs=width, reduction=self.reduction))
-
+        self.feature_info = self._block_feature_info()
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
+
+    def _block_feature_info(self) -> list:
+        info, width = [], self.embed_dim
+        for index, blk in enumerate(self.blocks):
+            width = _out_width(blk, width)
+            info.append(dict(module=f"blocks.{index}", num_chs=width, reduction=self.reduction))
+        return info
 
     # ---- geometry -------------------------------------------------------------------------
     @property
