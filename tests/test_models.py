@@ -389,11 +389,6 @@ def test_unknown_model_suggests_close_names():
         create_model("t2t_vit14")
 
 
-def test_pretrained_without_file_refuses_to_download():
-    with pytest.raises(T2TViTError, match="never downloads"):
-        create_model("t2t_vit_7", pretrained=True)
-
-
 # ---- Token Labeling auxiliary head ---------------------------------------------------------------
 
 def test_token_label_head_adds_half_the_best_patch_token_logits():

@@ -34,14 +34,7 @@ import t2t_vit
 from t2t_vit.errors import T2TViTError
 from t2t_vit.runtime import default_device
 
-try:  # the loading layer's build step, which returns the file's validated metadata with the model
-    from t2t_vit.checkpoint import model_from_checkpoint
-
-    _BUILD_RETURNS_METADATA = True
-except ImportError:  # before that layer: the builder in t2t_vit.pretrained, metadata read here
-    from t2t_vit.pretrained import model_from_checkpoint
-
-    _BUILD_RETURNS_METADATA = False
+from t2t_vit.checkpoint import model_from_checkpoint
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
@@ -158,28 +151,19 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 
 # ---- precision -------------------------------------------------------------------------------
-def _for_inference() -> Callable[[nn.Module, torch.dtype], nn.Module] | None:
-    """The switchboard's explicit low-precision model builder, where this build has one."""
-    return getattr(t2t_vit, "for_inference", None)
-
-
 def with_precision(model: nn.Module, precision: str) -> tuple[nn.Module, Callable[[], ContextManager], torch.dtype]:
     """(model, context each forward runs in, input dtype) for ``precision`` "fp32"|"bf16"|"fp16".
 
-    With ``t2t_vit.for_inference`` the model itself becomes a low-precision model once (its
-    Performer feature maps stay fp32) and inputs are cast to that dtype; without it the fp32
-    model runs under ``torch.autocast``. In both, logits are turned to fp32 before the softmax.
+    The model itself becomes a low-precision model once (:func:`t2t_vit.for_inference`: its
+    Performer feature maps stay fp32) and inputs are cast to that dtype; logits are turned to
+    fp32 before the softmax.
     """
     if precision not in PRECISIONS:
         raise T2TViTError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     dtype = PRECISIONS[precision]
     if dtype is None:
         return model, contextlib.nullcontext, torch.float32
-    for_inference = _for_inference()
-    if for_inference is not None:
-        return for_inference(model, dtype), contextlib.nullcontext, dtype
-    device_type = next(model.parameters()).device.type
-    return model, lambda: torch.autocast(device_type=device_type, dtype=dtype), torch.float32
+    return t2t_vit.for_inference(model, dtype), contextlib.nullcontext, dtype
 
 
 # ---- the inference object --------------------------------------------------------------------
@@ -244,27 +228,6 @@ class Inference:
                 yield path, tops.get(path), errors.get(path)
 
 
-def _preprocessing_metadata(checkpoint: str | Path) -> dict[str, Any]:
-    """The metadata that carries ``data_config`` and ``class_names``: a safetensors header (read
-    without the tensors) or a ``save_pretrained`` folder's. Pickled checkpoints (the authors')
-    carry neither, so they are not unpickled a second time just to find that out."""
-    from t2t_vit.checkpoint import read_metadata
-
-    path = Path(checkpoint)
-    return read_metadata(path) if path.is_dir() or path.suffix == ".safetensors" else {}
-
-
-def _check_named_model(checkpoint: str | Path, named: Any) -> None:
-    """A file's metadata names a registered architecture, never where to fetch one from (timm
-    reads "hf-hub:" and "local-dir:" prefixes as sources)."""
-    import timm
-
-    if named is None:
-        return
-    if not isinstance(named, str) or ":" in named or not timm.is_model(named):
-        raise T2TViTError(f"{checkpoint} names its model {named!r}, which is not a registered model name")
-
-
 def build_model(checkpoint: str | Path | None = None, model: str | None = None, pretrained: bool = False,
                 use_ema: bool | None = None, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
     """The model (not yet on a device) and the checkpoint's metadata ({} without a file).
@@ -277,11 +240,7 @@ def build_model(checkpoint: str | Path | None = None, model: str | None = None, 
             raise T2TViTError("--checkpoint and --pretrained both name weights; give one of them")
         if not Path(checkpoint).exists():
             raise T2TViTError(f"checkpoint {str(checkpoint)!r} does not exist")
-        if _BUILD_RETURNS_METADATA:
-            return model_from_checkpoint(checkpoint, model, use_ema=use_ema, with_metadata=True, **overrides)
-        meta = _preprocessing_metadata(checkpoint)
-        _check_named_model(checkpoint, meta.get("model"))
-        return model_from_checkpoint(checkpoint, model, use_ema=use_ema, **overrides), meta
+        return model_from_checkpoint(checkpoint, model, use_ema=use_ema, with_metadata=True, **overrides)
     if not model:
         raise T2TViTError("name the model: --model NAME (with --pretrained for released weights) "
                           "or --checkpoint FILE")

@@ -76,9 +76,7 @@ def feature_maps(model: T2TViT, x: Tensor, blocks: Sequence[int]) -> list[tuple[
 
 def _t2t_stages(t2t: T2TModule, x: Tensor) -> tuple[Tensor, list[Tensor]]:
     """The T2T module's tokens and its re-structurized token images, one per T2T layer."""
-    if hasattr(t2t, "forward_stages"):  # the scriptable module: stages from a method of their own
-        return t2t.forward_stages(x)
-    return t2t(x, return_stages=True)
+    return t2t.forward_stages(x)
 
 
 def _normalise(img: Tensor) -> np.ndarray:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from t2t_vit.errors import T2TViTError
+from t2t_vit.errors import MissingDependency, T2TViTError, require
 from t2t_vit.storage import atomic_write
 from t2t_vit.train import recipe, report, rundir, state as ckpt
 from t2t_vit.train.build import Parts, build
@@ -92,10 +92,16 @@ class Run:
         if not self.world.is_main:
             return
         import yaml
-        from torch.utils.tensorboard import SummaryWriter
 
         config_text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
         atomic_write(os.path.join(self.out, "config.yaml"), config_text.encode())
+        try:
+            require("tensorboard", "tensorboard", "TensorBoard logging")
+        except MissingDependency as err:  # optional: the run goes on with its CSV/JSON/plot outputs
+            self.log.line(f"no TensorBoard events: {err}")
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
         self.tb = SummaryWriter(os.path.join(self.out, "tensorboard"))
 
     def done(self) -> bool:
