@@ -13,6 +13,7 @@ network: 1,500 training and 500 validation images, ~6 MB as uint8 arrays.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,13 @@ def _crops(photo: Image.Image, x_range: tuple[int, int], count: int, rng: np.ran
 
 
 def photo_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """``(train_x, train_y, val_x, val_y, class_names)``; images NHWC uint8 at 32 px."""
+    """``(train_x, train_y, val_x, val_y, class_names)``; images NHWC uint8 at 32 px (fresh copies)."""
+    tx, ty, vx, vy = (a.copy() for a in _build())
+    return tx, ty, vx, vy, list(PHOTOS)
+
+
+@functools.lru_cache(maxsize=1)
+def _build() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(SPLIT_SEED)
     splits: dict[str, tuple[list[np.ndarray], list[int]]] = {"train": ([], []), "val": ([], [])}
     for label, name in enumerate(PHOTOS):
@@ -72,7 +79,7 @@ def photo_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list
             splits[split][0].extend(crops)
             splits[split][1].extend([label] * len(crops))
     (tx, ty), (vx, vy) = ((np.stack(x), np.asarray(y, dtype=np.int64)) for x, y in splits.values())
-    return tx, ty, vx, vy, list(PHOTOS)
+    return tx, ty, vx, vy
 
 
 def write_photo_folder(root: str | Path) -> Path:

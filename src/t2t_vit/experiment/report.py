@@ -39,6 +39,7 @@ def train_time(metrics: dict[str, Any]) -> float | None:
 def arm_row(arm: Arm, runs: list[dict[str, Any]], profile: Callable[[Arm, int], dict[str, int]]) -> dict[str, Any]:
     top1 = [float(r["val_top1"]) for r in runs]
     times = [t for t in map(train_time, runs) if t is not None]
+    cpus = [float(r["cpu_time_s"]) for r in runs if r.get("cpu_time_s") is not None]
     num_classes = runs[0].get("num_classes")
     size = profile(arm, int(num_classes)) if num_classes else {"params": None, "macs": None}
     mean, std = mean_std(top1)
@@ -47,6 +48,7 @@ def arm_row(arm: Arm, runs: list[dict[str, Any]], profile: Callable[[Arm, int], 
                 top1_spread=spread, unstable=len(top1) > 1 and spread > SPREAD_LIMIT,
                 top5_mean=statistics.fmean(float(r.get("val_top5", math.nan)) for r in runs),
                 train_time_s_mean=statistics.fmean(times) if times else None,
+                cpu_time_s_mean=statistics.fmean(cpus) if cpus else None,
                 steps=sorted({int(r["steps"]) for r in runs if r.get("steps") is not None}),
                 seeds=[r["seed"] for r in runs])
 
@@ -81,6 +83,10 @@ def _si(n: float | None) -> str:
     return f"{n:.0f}"
 
 
+def _seconds(t: float | None) -> str:
+    return "n/a" if t is None else f"{t:.0f} s"
+
+
 def budget_text(recipe: dict[str, Any]) -> str:
     """The budget every arm trained with (an arm's own overrides show in its label)."""
     text = f"{recipe['epochs']} epochs of batch {recipe['batch_size']}, lr {recipe['lr']:g}"
@@ -96,8 +102,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
         f"Ablation at {summary['img_size']} px on `{r['data']}`: preset `{summary['preset']}`, {budget_text(r)}; "
         f"top-1 is mean ± sample std over {seeds} seed(s); spread = best − worst seed.",
         "",
-        "| Arm | Top-1 (%) | Spread | Top-5 (%) | Steps | Params | MACs | Train time / run | Tests |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| Arm | Top-1 (%) | Spread | Top-5 (%) | Steps | Params | MACs | Train time / run | CPU time / run | Tests |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for a in summary["arms"]:
         t = a["train_time_s_mean"]
@@ -105,7 +111,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
         steps = "/".join(str(s) for s in a["steps"]) or "n/a"
         lines.append(f"| {a['label']} | {a['top1_mean']:.2f} ± {a['top1_std']:.2f} | {a['top1_spread']:.1f}{flag} | "
                      f"{a['top5_mean']:.2f} | {steps} | {_si(a['params'])} | {_si(a['macs'])} | "
-                     f"{'n/a' if t is None else f'{t:.0f} s'} | {a['role']} |")
+                     f"{_seconds(t)} | {_seconds(a['cpu_time_s_mean'])} | {a['role']} |")
     unstable = [a["label"] for a in summary["arms"] if a["unstable"]]
     if unstable:
         lines += ["", f"⚠ seed spread above {summary['spread_limit']:g} points (unstable across seeds): "
