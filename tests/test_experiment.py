@@ -87,7 +87,10 @@ def test_cli_parses_and_rejects_unknown_arm(tmp_path):
     parser = argparse.ArgumentParser()
     experiment.register(parser.add_subparsers())
     args = parser.parse_args(["experiment", "ablation", "--data", "digits", "--output", str(tmp_path), "--arms", "nope"])
-    assert args.seeds == 3 and args.func is experiment._cmd_ablation
+    assert args.seeds == "3" and args.func is experiment._cmd_ablation
+    assert experiment._seeds("3") == 3 and experiment._seeds("1,2") == [1, 2]
+    with pytest.raises(experiment.T2TViTError, match="--seeds"):
+        experiment._seeds("x")
     with pytest.raises(experiment.T2TViTError, match="unknown arm"):
         args.func(args)
 
@@ -146,8 +149,10 @@ def test_budget_file_must_match(tmp_path, monkeypatch):
 
 def test_arm_options_parse_and_refuse():
     arms = ablation_arms(PRESETS["digits"])
-    v = select_arms(arms, ["t2t:kernel_ratio=2:t2t_drop=0", "t2tt", "t2t:t2t_lr=0.1:t2t_warmup=2", "no_t2t:epochs=20"])
-    assert [a.name for a in v] == ["t2t-kernel_ratio2-t2t_drop0", "t2tt", "t2t-t2t_lr0.1-t2t_warmup2", "no_t2t-epochs20"]
+    specs = ["t2t:kernel_ratio=2:t2t_drop=0", "t2tt", "t2t:t2t_lr=0.1:t2t_warmup=2", "no_t2t:epochs=20"]
+    v = select_arms(arms, specs)
+    names = ["t2t-kernel_ratio2-t2t_drop0", "t2tt", "t2t-t2t_lr0.1-t2t_warmup2", "no_t2t-epochs20"]
+    assert [a.name for a in v] == names
     assert v[0].model_kwargs["t2t_kernel_ratio"] == 2.0 and v[0].model_kwargs["t2t_drop_rate"] == 0.0
     assert v[0].family == "t2t" and "kernel_ratio=2" in v[0].label
     assert (v[2].t2t_lr, v[2].t2t_warmup) == (0.1, 2.0) and v[3].train == {"epochs": 20}
@@ -188,8 +193,10 @@ def test_t2t_module_lr_multiplier_and_warmup():
 
 def test_spread_above_limit_is_flagged():
     arms = [a for a in ablation_arms(PRESETS["digits"]) if a.name in ("t2t", "no_t2t")]
-    results = {"t2t": [dict(seed=s, val_top1=v, val_top5=99.0, steps=440) for s, v in enumerate((70.0, 74.0, 72.0))],
-               "no_t2t": [dict(seed=s, val_top1=v, val_top5=99.0, steps=440) for s, v in enumerate((90.0, 91.0, 92.5))]}
+    def runs(*top1):
+        return [dict(seed=s, val_top1=v, val_top5=99.0, steps=440) for s, v in enumerate(top1)]
+
+    results = {"t2t": runs(70.0, 74.0, 72.0), "no_t2t": runs(90.0, 91.0, 92.5)}
     recipe = dict(data="digits", epochs=10, batch_size=32, lr=1e-3, max_steps=None)
     summary = summarize(arms, results, recipe, "digits", no_profile)
     rows = {r["name"]: r for r in summary["arms"]}

@@ -49,7 +49,7 @@ def run_ablation(
     data: str,
     output: str | Path,
     preset: str = "digits",
-    seeds: int = 3,
+    seeds: int | list[int] = 3,
     epochs: int | None = None,
     batch_size: int | None = None,
     lr: float | None = None,
@@ -63,14 +63,16 @@ def run_ablation(
 ) -> dict[str, Any] | None:
     """Train every arm × seed (resumably) and write ``REPORT.{md,json,png}`` into ``output``.
 
-    Seeds run in the outer loop, so an interrupted experiment has every arm at some seeds. With
+    ``seeds``: a count N (seeds 0..N-1) or the list of seeds to run (e.g. to share seeds out among
+    processes). Seeds run in the outer loop, so an interrupted experiment has every arm at some seeds. With
     ``train=False`` nothing trains: the report covers the finished runs of the requested budget.
     Returns the summary on rank 0, None on other ranks (which only take part in training).
     """
     if preset not in PRESETS:
         raise T2TViTError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    if seeds < 1:
-        raise T2TViTError(f"--seeds must be at least 1, got {seeds}")
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not seed_list or min(seed_list) < 0:
+        raise T2TViTError(f"--seeds must be a count of at least 1 or a list of seeds >= 0, got {seeds}")
     p, output = PRESETS[preset], Path(output)
     chosen = select_arms(ablation_arms(p), arms)
     shared, t2t_kwargs = preset_recipe(p)
@@ -81,7 +83,7 @@ def run_ablation(
     if train_fn is None:
         from t2t_vit.train import train as train_fn
     results: dict[str, list[dict[str, Any]]] = {}
-    for seed in range(seeds):
+    for seed in seed_list:
         for arm in chosen:
             m = run_arm(arm, seed, output, recipe, train_fn, t2t_kwargs, train=train, data_name=data)
             if m is None:
@@ -105,10 +107,17 @@ def run_ablation(
 def _cmd_ablation(args: argparse.Namespace) -> int:
     preset = args.preset or ("digits" if args.data in ("digits", "photos") else "cifar")
     arms = [a for a in args.arms.split(",") if a.strip()] if args.arms else None
-    run_ablation(args.data, args.output, preset=preset, seeds=args.seeds, epochs=args.epochs,
+    run_ablation(args.data, args.output, preset=preset, seeds=_seeds(args.seeds), epochs=args.epochs,
                  batch_size=args.batch_size, lr=args.lr, arms=arms, workers=args.workers, max_steps=args.max_steps,
                  train=not args.report_only, report=args.report)
     return 0
+
+
+def _seeds(text: str) -> int | list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()] if "," in text else int(text)
+    except ValueError as err:
+        raise T2TViTError(f"--seeds takes a count (3) or a list of seeds (0,2), got {text!r}") from err
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -123,7 +132,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="arm sizes and recipe (default: digits for --data digits/photos, cifar otherwise; "
                         "small_data: the digits arms with configs/small_data.yaml)")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds per arm (0..N-1)")
+    p.add_argument("--seeds", default="3",
+                   help="number of seeds per arm, N for seeds 0..N-1, or a list such as 1,2 (default: 3)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the preset's)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")

@@ -62,7 +62,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # Sized so that 7 arms × 3 seeds fit in 30 minutes on a 2-core CPU (docs/experiments.md).
-    "digits": Preset(64, 7, 32, 10, 32, 1e-3, (16, 32, 64, 128), "≈0.3M-param arms for the 2-core CPU digits run"),
+    "digits": Preset(64, 7, 32, 10, 32, 1e-3, (16, 32, 64, 128), "≈0.3M-param arms for the 2-core CPU run"),
     # The same arms trained with the small-data recipe (configs/small_data.yaml, docs/experiments.md).
     "small_data": Preset(64, 7, 32, 10, 32, 1e-3, (16, 32, 64, 128), "digits-sized arms, small-data recipe",
                          config="small_data"),
@@ -136,7 +136,8 @@ def arm_variant(base: Arm, options: dict[str, str]) -> Arm:
     suffix = "".join(f"-{k}{v}" for k, v in options.items())
     note = ", ".join(f"{k}={v}" for k, v in options.items())
     label = f"{base.label} [{note}]" if note else base.label
-    return replace(base, name=base.name + suffix, base=base.family, label=label, model_kwargs=model_kwargs, train=train, **t2t)
+    return replace(base, name=base.name + suffix, base=base.family, label=label, model_kwargs=model_kwargs,
+                   train=train, **t2t)
 
 
 def parse_arm(spec: str, by_name: dict[str, Arm]) -> Arm:
