@@ -73,6 +73,8 @@ def run_ablation(
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list or min(seed_list) < 0:
         raise T2TViTError(f"--seeds must be a count of at least 1 or a list of seeds >= 0, got {seeds}")
+    if not report or Path(report).name != report or report in (".", ".."):
+        raise T2TViTError(f"--report takes a file name stem such as 'ablation', got {report!r}")
     p, output = PRESETS[preset], Path(output)
     chosen = select_arms(ablation_arms(p), arms)
     shared, t2t_kwargs = preset_recipe(p)
