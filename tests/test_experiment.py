@@ -226,3 +226,25 @@ def test_photos_are_deterministic_disjoint_and_usable(tmp_path):
     from_folder = create_datasets(str(folder), 32, None, crop_pct=1.0, mean=bundle.mean, std=bundle.std)
     assert from_folder.class_names == names and len(from_folder.train) == 1500
     assert torch.equal(from_folder.val[123][0], bundle.val[123][0]) and from_folder.val[123][1] == bundle.val[123][1]
+
+
+def test_preset_recipe_file_and_shared_runs(tmp_path, monkeypatch):
+    """A preset's recipe file sets the shared training keys and the T2T arms' t2t_* arguments; an arm
+    that comes out equal to a variant of another preset trains into the same run."""
+    from dataclasses import replace
+
+    recipe_file = tmp_path / "small.yaml"
+    recipe_file.write_text("model: t2t_vit_7\nmodel_kwargs: {embed_dim: 8, t2t_drop_rate: 0.0}\nwarmup_epochs: 2.0\n")
+    monkeypatch.setitem(PRESETS, "small", replace(PRESETS["digits"], config=str(recipe_file)))
+    monkeypatch.setattr(experiment, "profile_arm", no_profile)
+    calls = []
+    kwargs = dict(seeds=1, epochs=2, train_fn=fake_train(calls), log=lambda s: None)
+    run_ablation("digits", tmp_path / "out", preset="small", arms=["t2t", "no_t2t"], **kwargs)
+    runs = tmp_path / "out" / "runs"
+    (t2t_run,), (patch_run,) = ([json.loads(p.read_text()) for p in (runs / arm).glob("*/seed0/budget.json")]
+                                for arm in ("t2t", "no_t2t"))
+    assert t2t_run["model_kwargs"]["t2t_drop_rate"] == 0.0 and t2t_run["model_kwargs"]["embed_dim"] == 64
+    assert "t2t_drop_rate" not in patch_run["model_kwargs"] and patch_run["warmup_epochs"] == 2.0
+    # The digits preset's t2t:t2t_drop=0 with the same warm-up is the very same run: not trained again.
+    run_ablation("digits", tmp_path / "out", arms=["t2t:t2t_drop=0:warmup=2.0"], **kwargs)
+    assert len(calls) == 2

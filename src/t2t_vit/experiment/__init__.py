@@ -132,8 +132,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="'digits' or 'photos' (built in), an ImageFolder root or a CIFAR folder")
     p.add_argument("--output", required=True, help="directory for runs/ and REPORT.{md,json,png}")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="arm sizes and recipe (default: digits for --data digits/photos, cifar otherwise; "
-                        "small_data: the digits arms with configs/small_data.yaml)")
+                   help="arm sizes and recipe (default: digits for --data digits/photos, cifar otherwise)")
     p.add_argument("--seeds", default="3",
                    help="number of seeds per arm, N for seeds 0..N-1, or a list such as 1,2 (default: 3)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the preset's)")

@@ -46,8 +46,8 @@ class Arm:
 @dataclass(frozen=True)
 class Preset:
     """Arm widths and the shared recipe. ``width`` is the T2T-ViT's embedding width; ``config`` a
-    shipped training recipe (``t2t_vit/configs/NAME.yaml``) whose training keys every arm shares and
-    whose ``t2t_*`` model arguments every arm with a T2T module takes."""
+    training recipe (a shipped name or a YAML path) whose training keys every arm shares and whose
+    ``t2t_*`` model arguments every arm with a T2T module takes (a preset for a small-data recipe)."""
 
     width: int
     depth: int
@@ -63,9 +63,6 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # Sized so that 7 arms × 3 seeds fit in 30 minutes on a 2-core CPU (docs/experiments.md).
     "digits": Preset(64, 7, 32, 10, 32, 1e-3, (16, 32, 64, 128), "≈0.3M-param arms for the 2-core CPU run"),
-    # The same arms trained with the small-data recipe (configs/small_data.yaml, docs/experiments.md).
-    "small_data": Preset(64, 7, 32, 10, 32, 1e-3, (16, 32, 64, 128), "digits-sized arms, small-data recipe",
-                         config="small_data"),
     # T2T-ViT-7 widths (≈1M-params arms at 32 px): for CIFAR-sized folders on a GPU.
     "cifar": Preset(256, 7, 64, 100, 128, 1e-3, (32, 64, 128, 256), "T2T-ViT-7-wide arms for CIFAR-sized data on a GPU"),
 }
