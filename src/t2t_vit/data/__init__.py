@@ -31,7 +31,7 @@ class DataBundle:
     class_names: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    kind: str = "imagefolder"  # "digits" | "cifar10" | "cifar100" | "imagefolder"
+    kind: str = "imagefolder"  # "digits" | "photos" | "cifar10" | "cifar100" | "imagefolder"
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of every unused file
     train_transform: Callable | None = None
     val_transform: Callable | None = None
@@ -87,6 +87,12 @@ def create_datasets(
         tx, ty, vx, vy, dmean, dstd = load_digits_arrays(img_size, interpolation)
         mean, std = _stats(mean, std, dmean, dstd)
         return _array_bundle("digits", tx, ty, vx, vy, [str(i) for i in range(10)], mean, std, **common)
+    if str(data).lower() == "photos":  # 10 classes of crops of scikit-image's photographs (data/photos.py)
+        from t2t_vit.data.photos import photo_arrays
+
+        tx, ty, vx, vy, names = photo_arrays()
+        return _array_bundle("photos", tx, ty, vx, vy, names, *_stats(mean, std, *channel_stats(tx)),
+                             **dict(common, crop_pct=1.0 if crop_pct is None else crop_pct))
     root = Path(data).expanduser()
     if not root.exists():
         raise T2TViTError(f"data path {root} does not exist "

@@ -1,0 +1,201 @@
+"""Training every arm × seed through the real trainer, resumably, and only ever reusing a run whose
+training budget is the one requested."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from t2t_vit.errors import T2TViTError
+from t2t_vit.experiment.arms import IMG_SIZE, Arm, Preset
+
+# TrainConfig fields that say where and how a run executes, not what it trains: not part of the budget.
+RUN_FIELDS = ("output", "seed", "resume", "workers", "threads", "log_every", "device", "save_every_steps")
+# Keys of a preset's recipe file that describe one model, not the shared training recipe.
+MODEL_FIELDS = ("data", "model", "model_kwargs", "img_size", "stem", "output", "resume", "seed", "num_classes")
+BUILTIN_SETS = ("photos",)
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or no torchrun): the only process that writes the experiment's own files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def preset_recipe(preset: Preset) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(shared training keys, ``t2t_*`` model arguments) from the preset's recipe file, if any."""
+    if not preset.config:
+        return {}, {}
+    import yaml
+
+    from t2t_vit.train.config import check_keys, recipe_path
+
+    path = recipe_path(preset.config)
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    check_keys(values, path)
+    t2t = {k: v for k, v in (values.get("model_kwargs") or {}).items() if k.startswith("t2t_")}
+    return {k: v for k, v in values.items() if k not in MODEL_FIELDS}, t2t
+
+
+def builtin_data(data: str, output: Path) -> tuple[str, dict[str, Any]]:
+    """``photos`` is written once as an ImageFolder under ``output/data`` (with its own statistics and
+    no centre crop, as ``create_datasets("photos")`` uses), so every trainer version can read it."""
+    if data.lower() not in BUILTIN_SETS:
+        return data, {}
+    from t2t_vit.data.arrays import channel_stats
+    from t2t_vit.data.photos import photo_arrays, write_photo_folder
+
+    folder = output / "data" / "photos"
+    if not folder.is_dir():
+        partial = output / "data" / f".photos-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        write_photo_folder(partial)
+        os.replace(partial, folder)
+    mean, std = channel_stats(photo_arrays()[0])
+    return str(folder), dict(mean=[round(m, 6) for m in mean], std=[round(s, 6) for s in std], crop_pct=1.0)
+
+
+def arm_config(arm: Arm, seed: int, recipe: dict[str, Any], t2t_kwargs: dict[str, Any], output: Path | None = None):
+    """The TrainConfig of one arm/seed: the shared recipe, the preset's T2T arguments for arms with a T2T
+    module, then the arm's own overrides."""
+    from t2t_vit.train import TrainConfig
+
+    kwargs = dict(arm.model_kwargs)
+    if arm.has_t2t_module:
+        kwargs = {**t2t_kwargs, **kwargs}
+    # The trainer uses ``stem`` for T2T-ViT models only; timm models get their size via model_kwargs.
+    return TrainConfig(**{**recipe, **arm.train}, model=arm.model, model_kwargs=kwargs, img_size=IMG_SIZE,
+                       stem="small", output=None if output is None else str(output), seed=seed, resume="auto")
+
+
+def budget_of(cfg, arm: Arm, data_name: str | None = None) -> dict[str, Any]:
+    """Everything that decides what a run trains: the config minus where/how it runs, plus the T2T lr.
+    ``data_name`` replaces the data path of a built-in set written under the output directory."""
+    budget = {k: v for k, v in cfg.to_dict().items() if k not in RUN_FIELDS}
+    budget["data"] = data_name or budget["data"]
+    return json.loads(json.dumps(dict(budget, t2t_lr=arm.t2t_lr, t2t_warmup=arm.t2t_warmup), default=str))
+
+
+def budget_tag(budget: dict[str, Any]) -> str:
+    """A directory name for one budget: readable head (epochs, batch, max steps) + a hash of the rest."""
+    digest = hashlib.sha1(json.dumps(budget, sort_keys=True).encode()).hexdigest()[:8]
+    steps = f"-s{budget['max_steps']}" if budget.get("max_steps") else ""
+    return f"e{budget['epochs']}-b{budget['batch_size']}{steps}-{digest}"
+
+
+def run_dir(output: Path, arm: Arm, seed: int, budget: dict[str, Any]) -> Path:
+    """``runs/FAMILY/BUDGET/seedS``: a variant whose settings equal another arm's shares its runs."""
+    return output / "runs" / arm.family / budget_tag(budget) / f"seed{seed}"
+
+
+def load_metrics(path: Path, budget: dict[str, Any]) -> dict[str, Any] | None:
+    """The metrics of a finished run trained with exactly ``budget``; None if unfinished."""
+    metrics, saved = path / "metrics.json", path / "budget.json"
+    if not metrics.exists():
+        return None
+    if not saved.exists() or json.loads(saved.read_text()) != budget:
+        raise T2TViTError(f"{path} holds a run of another budget than requested; move it away or use another --output")
+    return json.loads(metrics.read_text())
+
+
+def run_num_classes(out: Path) -> int | None:
+    """Classifier width of a finished run, from its checkpoint's metadata (the data set decides it)."""
+    from t2t_vit.checkpoint import read_metadata
+
+    for name in ("checkpoint-last.safetensors", "checkpoint-best.safetensors"):
+        if (out / name).exists():
+            value = read_metadata(str(out / name)).get("num_classes")
+            return int(value) if value else None
+    return None
+
+
+def run_arm(arm: Arm, seed: int, output: Path, recipe: dict[str, Any], train_fn: Callable,
+            t2t_kwargs: dict[str, Any] | None = None, train: bool = True,
+            data_name: str | None = None) -> dict[str, Any] | None:
+    """Train one arm/seed unless a run of the same budget finished; returns its metrics (plus wall time),
+    or None when ``train`` is False and it has not finished."""
+    cfg = arm_config(arm, seed, recipe, t2t_kwargs or {})
+    budget = budget_of(cfg, arm, data_name)
+    out = run_dir(output, arm, seed, budget)
+    done = load_metrics(out, budget)
+    if done is not None:
+        cpu = json.loads((out / "cpu.json").read_text()) if (out / "cpu.json").exists() else {}
+        return {**done, **cpu, "num_classes": run_num_classes(out), "skipped": True, "run_dir": str(out)}
+    if not train:
+        return None
+    cfg.output = str(out)
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "budget.json").write_text(json.dumps(budget, indent=1, sort_keys=True) + "\n")
+    start, cpu_start = time.perf_counter(), time.process_time()
+    with t2t_module_schedule(arm.t2t_lr, arm.t2t_warmup):
+        metrics = dict(train_fn(cfg))
+    metrics.setdefault("wall_time_s", time.perf_counter() - start)
+    # CPU seconds of this process (all threads): on a shared machine, what the run would take alone.
+    metrics["cpu_time_s"] = round(time.process_time() - cpu_start, 1)
+    if is_main_process():
+        (out / "cpu.json").write_text(json.dumps({"cpu_time_s": metrics["cpu_time_s"]}) + "\n")
+    return {**metrics, "num_classes": run_num_classes(out), "skipped": False, "run_dir": str(out)}
+
+
+@contextlib.contextmanager
+def t2t_module_schedule(lr_scale: float, warmup_epochs: float) -> Iterator[None]:
+    """While active, the trainer gives the T2T module's parameters their own optimizer groups whose lr
+    is, at every step, the lr of the group they were split from × ``lr_scale`` × a linear ramp from 0
+    over ``warmup_epochs`` (on top of the shared schedule). A no-op at the defaults (1, 0)."""
+    if lr_scale == 1.0 and warmup_epochs == 0:
+        yield
+        return
+    from t2t_vit.train import recipe
+
+    original_groups, original_scheduler = recipe.param_groups, recipe.build_scheduler
+
+    def groups(model, cfg):
+        inside_ids = {id(p) for p in model.tokens_to_token.parameters()}
+        out: list[dict] = []
+        for group in original_groups(model, cfg):
+            rest = [p for p in group["params"] if id(p) not in inside_ids]
+            inside = [p for p in group["params"] if id(p) in inside_ids]
+            out += [dict(group, params=rest)] if rest else []
+            sibling = len(out) - 1 if rest else None
+            out += [dict(group, params=inside, t2t_module=True, t2t_lr=lr_scale, t2t_sibling=sibling)] if inside else []
+        return out
+
+    def scheduler(optimizer, cfg, steps_per_epoch):
+        sched = original_scheduler(optimizer, cfg, steps_per_epoch)
+        sched.__class__ = _t2t_scheduled(type(sched))
+        sched.t2t_ramp_steps = round(warmup_epochs * steps_per_epoch)
+        sched.step_update(0)
+        return sched
+
+    recipe.param_groups, recipe.build_scheduler = groups, scheduler
+    try:
+        yield
+    finally:
+        recipe.param_groups, recipe.build_scheduler = original_groups, original_scheduler
+
+
+_SCHEDULED: dict[type, type] = {}
+
+
+def _t2t_scheduled(base: type) -> type:
+    """``base`` (a timm scheduler class) whose per-step update then sets each T2T-module group's lr
+    from its sibling group's (state stays plain data, so checkpoints pickle it)."""
+    if base not in _SCHEDULED:
+        def step_update(self, num_updates: int, metric: float | None = None) -> None:
+            base.step_update(self, num_updates, metric)
+            ramp = min(1.0, num_updates / self.t2t_ramp_steps) if self.t2t_ramp_steps > 0 else 1.0
+            groups = self.optimizer.param_groups
+            for group in groups:
+                if group.get("t2t_module"):
+                    shared = group["lr"] if group["t2t_sibling"] is None else groups[group["t2t_sibling"]]["lr"]
+                    group["lr"] = shared * group["t2t_lr"] * ramp
+
+        _SCHEDULED[base] = type(f"T2TScheduled{base.__name__}", (base,), {"step_update": step_update,
+                                                                         "__module__": __name__})
+    return _SCHEDULED[base]
