@@ -90,6 +90,19 @@ def test_param_groups_decay_and_transfer_lr(tmp_path):
     assert head["lr"] == pytest.approx(100 * body["lr"])
 
 
+def test_body_lr_scale_is_applied_once(tmp_path):
+    # timm's schedulers multiply each group's lr by its lr_scale; scaling the starting lr as well
+    # ran the transfer recipe's body at lr × 0.01² instead of lr × 0.01.
+    cfg = tiny(tmp_path, body_lr_scale=0.01, lr=0.05, opt="sgd", warmup_epochs=0.0)
+    model = recipe.build_model(cfg, 10)
+    opt = recipe.build_optimizer(model, cfg)
+    recipe.build_scheduler(opt, cfg, steps_per_epoch=10)
+    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert by_param[id(named["head.weight"])]["lr"] == pytest.approx(0.05)
+    assert by_param[id(named["blocks.0.attn.qkv.weight"])]["lr"] == pytest.approx(0.05 * 0.01)
+
+
 def test_schedule_warmup_cosine_cooldown(tmp_path):
     cfg = tiny(tmp_path, epochs=10, warmup_epochs=2, cooldown_epochs=2, lr=1e-3, min_lr=1e-5, warmup_lr=1e-6)
     model = recipe.build_model(cfg, 10)

@@ -17,6 +17,8 @@ from t2t_vit.data.arrays import ArrayDataset, channel_stats, find_cifar_root, lo
 from t2t_vit.data.transforms import AUGMENT_KEYS, build_transforms, default_augment
 from t2t_vit.errors import T2TViTError
 
+BUILTIN = ("digits", "photos")  # data sets that ship with installed packages: no path needed
+
 __all__ = ["AUGMENT_KEYS", "DataBundle", "available_cores", "create_datasets", "default_augment", "resolve_workers"]
 
 MAX_DEFAULT_WORKERS = 8

@@ -13,8 +13,8 @@ IMG_SIZE = 32
 @dataclass(frozen=True)
 class Arm:
     """One model of the ablation: a model name, the keyword arguments that shape it, and per-arm
-    training overrides (``train``: TrainConfig fields; ``t2t_lr``/``t2t_warmup``: the T2T module's
-    lr multiplier and extra warm-up epochs)."""
+    training overrides (``train``: TrainConfig fields, the T2T module's lr multiplier and extra
+    warm-up among them)."""
 
     name: str
     label: str
@@ -22,8 +22,6 @@ class Arm:
     model_kwargs: dict[str, Any]
     role: str
     train: dict[str, Any] = field(default_factory=dict)
-    t2t_lr: float = 1.0
-    t2t_warmup: float = 0.0
     base: str = ""  # the arm a variant derives from ("" for the arms themselves)
 
     @property
@@ -98,12 +96,12 @@ def ablation_arms(preset: Preset) -> list[Arm]:
 # ---- arm variants ------------------------------------------------------------------------------
 
 # key: (kind, target, type). "model": a model argument of arms with a T2T module; "train": a
-# TrainConfig field of any arm; "t2t": the T2T module's optimiser settings.
+# TrainConfig field of any arm; "t2t": a TrainConfig field of the T2T module's optimiser settings.
 OPTIONS: dict[str, tuple[str, str, type]] = {
     "kernel_ratio": ("model", "t2t_kernel_ratio", float),  # Performer random features per token width
     "t2t_drop": ("model", "t2t_drop_rate", float),  # dropout inside the Performer T2T layers
-    "t2t_lr": ("t2t", "t2t_lr", float),  # lr multiplier of the T2T module's parameters
-    "t2t_warmup": ("t2t", "t2t_warmup", float),  # extra linear warm-up (epochs) of the T2T module's lr
+    "t2t_lr": ("t2t", "t2t_lr_scale", float),  # lr multiplier of the T2T module's parameters
+    "t2t_warmup": ("t2t", "t2t_warmup_epochs", float),  # extra linear warm-up (epochs) of its lr
     "epochs": ("train", "epochs", int),
     "lr": ("train", "lr", float),
     "warmup": ("train", "warmup_epochs", float),
@@ -113,7 +111,7 @@ OPTIONS: dict[str, tuple[str, str, type]] = {
 
 def arm_variant(base: Arm, options: dict[str, str]) -> Arm:
     """``base`` with ``options`` (``OPTIONS`` keys → value strings) applied; its name encodes them."""
-    model_kwargs, train, t2t = dict(base.model_kwargs), dict(base.train), {}
+    model_kwargs, train = dict(base.model_kwargs), dict(base.train)
     for key, text in options.items():
         if key not in OPTIONS:
             raise T2TViTError(f"unknown arm option {key!r} in {base.name}:{key}={text}; "
@@ -129,12 +127,12 @@ def arm_variant(base: Arm, options: dict[str, str]) -> Arm:
         if kind != "train" and not base.has_t2t_module:
             raise T2TViTError(f"arm option {key} needs an arm with a T2T module (t2t, t2tt, shallow_wide), "
                               f"not {base.name}")
-        {"model": model_kwargs, "train": train, "t2t": t2t}[kind][target] = value
+        (model_kwargs if kind == "model" else train)[target] = value
     suffix = "".join(f"-{k}{v}" for k, v in options.items())
     note = ", ".join(f"{k}={v}" for k, v in options.items())
     label = f"{base.label} [{note}]" if note else base.label
     return replace(base, name=base.name + suffix, base=base.family, label=label, model_kwargs=model_kwargs,
-                   train=train, **t2t)
+                   train=train)
 
 
 def parse_arm(spec: str, by_name: dict[str, Arm]) -> Arm:

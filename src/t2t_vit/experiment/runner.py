@@ -2,14 +2,13 @@
 training budget is the one requested."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from t2t_vit.errors import T2TViTError
 from t2t_vit.experiment.arms import IMG_SIZE, Arm, Preset
@@ -74,11 +73,11 @@ def arm_config(arm: Arm, seed: int, recipe: dict[str, Any], t2t_kwargs: dict[str
 
 
 def budget_of(cfg, arm: Arm, data_name: str | None = None) -> dict[str, Any]:
-    """Everything that decides what a run trains: the config minus where/how it runs, plus the T2T lr.
+    """Everything that decides what a run trains: the config minus where/how it runs.
     ``data_name`` replaces the data path of a built-in set written under the output directory."""
     budget = {k: v for k, v in cfg.to_dict().items() if k not in RUN_FIELDS}
     budget["data"] = data_name or budget["data"]
-    return json.loads(json.dumps(dict(budget, t2t_lr=arm.t2t_lr, t2t_warmup=arm.t2t_warmup), default=str))
+    return json.loads(json.dumps(budget, default=str))
 
 
 def budget_tag(budget: dict[str, Any]) -> str:
@@ -133,69 +132,10 @@ def run_arm(arm: Arm, seed: int, output: Path, recipe: dict[str, Any], train_fn:
         out.mkdir(parents=True, exist_ok=True)
         (out / "budget.json").write_text(json.dumps(budget, indent=1, sort_keys=True) + "\n")
     start, cpu_start = time.perf_counter(), time.process_time()
-    with t2t_module_schedule(arm.t2t_lr, arm.t2t_warmup):
-        metrics = dict(train_fn(cfg))
+    metrics = dict(train_fn(cfg))
     metrics.setdefault("wall_time_s", time.perf_counter() - start)
     # CPU seconds of this process (all threads): on a shared machine, what the run would take alone.
     metrics["cpu_time_s"] = round(time.process_time() - cpu_start, 1)
     if is_main_process():
         (out / "cpu.json").write_text(json.dumps({"cpu_time_s": metrics["cpu_time_s"]}) + "\n")
     return {**metrics, "num_classes": run_num_classes(out), "skipped": False, "run_dir": str(out)}
-
-
-@contextlib.contextmanager
-def t2t_module_schedule(lr_scale: float, warmup_epochs: float) -> Iterator[None]:
-    """While active, the trainer gives the T2T module's parameters their own optimizer groups whose lr
-    is, at every step, the lr of the group they were split from × ``lr_scale`` × a linear ramp from 0
-    over ``warmup_epochs`` (on top of the shared schedule). A no-op at the defaults (1, 0)."""
-    if lr_scale == 1.0 and warmup_epochs == 0:
-        yield
-        return
-    from t2t_vit.train import recipe
-
-    original_groups, original_scheduler = recipe.param_groups, recipe.build_scheduler
-
-    def groups(model, cfg):
-        inside_ids = {id(p) for p in model.tokens_to_token.parameters()}
-        out: list[dict] = []
-        for group in original_groups(model, cfg):
-            rest = [p for p in group["params"] if id(p) not in inside_ids]
-            inside = [p for p in group["params"] if id(p) in inside_ids]
-            out += [dict(group, params=rest)] if rest else []
-            sibling = len(out) - 1 if rest else None
-            out += [dict(group, params=inside, t2t_module=True, t2t_lr=lr_scale, t2t_sibling=sibling)] if inside else []
-        return out
-
-    def scheduler(optimizer, cfg, steps_per_epoch):
-        sched = original_scheduler(optimizer, cfg, steps_per_epoch)
-        sched.__class__ = _t2t_scheduled(type(sched))
-        sched.t2t_ramp_steps = round(warmup_epochs * steps_per_epoch)
-        sched.step_update(0)
-        return sched
-
-    recipe.param_groups, recipe.build_scheduler = groups, scheduler
-    try:
-        yield
-    finally:
-        recipe.param_groups, recipe.build_scheduler = original_groups, original_scheduler
-
-
-_SCHEDULED: dict[type, type] = {}
-
-
-def _t2t_scheduled(base: type) -> type:
-    """``base`` (a timm scheduler class) whose per-step update then sets each T2T-module group's lr
-    from its sibling group's (state stays plain data, so checkpoints pickle it)."""
-    if base not in _SCHEDULED:
-        def step_update(self, num_updates: int, metric: float | None = None) -> None:
-            base.step_update(self, num_updates, metric)
-            ramp = min(1.0, num_updates / self.t2t_ramp_steps) if self.t2t_ramp_steps > 0 else 1.0
-            groups = self.optimizer.param_groups
-            for group in groups:
-                if group.get("t2t_module"):
-                    shared = group["lr"] if group["t2t_sibling"] is None else groups[group["t2t_sibling"]]["lr"]
-                    group["lr"] = shared * group["t2t_lr"] * ramp
-
-        _SCHEDULED[base] = type(f"T2TScheduled{base.__name__}", (base,), {"step_update": step_update,
-                                                                         "__module__": __name__})
-    return _SCHEDULED[base]

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from t2t_vit.data import BUILTIN
 from t2t_vit.errors import T2TViTError
 
 MAX_YAML_BYTES = 1 << 20  # a recipe is a few hundred bytes; anything near this is not a recipe
@@ -104,7 +105,8 @@ def _type_word(kind: type) -> str:
 POSITIVE = ("lr", "batch_size", "epochs", "accum_steps")
 POSITIVE_OR_NONE = ("max_steps", "save_every_steps", "threads", "num_classes", "clip_grad")
 NOT_NEGATIVE = ("min_lr", "warmup_lr", "weight_decay", "warmup_epochs", "cooldown_epochs", "drop_path", "smoothing",
-                "mixup", "cutmix", "re_prob", "workers", "body_lr_scale", "distill_tau", "momentum")
+                "mixup", "cutmix", "re_prob", "workers", "body_lr_scale", "distill_tau", "momentum",
+                "t2t_lr_scale", "t2t_warmup_epochs")
 
 
 def check_numbers(cfg: Any) -> None:
@@ -150,7 +152,7 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 # ---- paths ---------------------------------------------------------------------------------------------
 def check_paths(cfg: Any) -> None:
-    if cfg.data != "digits" and not os.path.exists(cfg.data):
+    if cfg.data not in BUILTIN and not os.path.exists(cfg.data):
         raise T2TViTError(f"data path {cfg.data!r} does not exist (use --data digits for the built-in demo data)")
     if cfg.finetune is not None and not os.path.isfile(cfg.finetune) and pretrained_tag(cfg.finetune) is None:
         raise T2TViTError(f"--finetune file {cfg.finetune!r} does not exist (and it is no pretrained tag "

@@ -28,6 +28,8 @@ HELP = {
     "augment": "--no-augment turns off random crops, flips, RandAugment, erasing, mixup/cutmix and smoothing",
     "teacher": "distillation teacher: one of our checkpoints, or a model name (+ --teacher-checkpoint)",
     "body_lr_scale": "lr of all but the classifier = lr × this (the paper's transfer recipe uses 0.01)",
+    "t2t_lr_scale": "lr of the tokenizer (T2T module) = its group's lr × this (small-data studies)",
+    "t2t_warmup_epochs": "extra linear warm-up of the tokenizer's lr, in epochs, on top of the shared schedule",
     "drop_path": "stochastic depth rate",
 }
 
@@ -142,13 +144,13 @@ def run_eval(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import DataLoader
 
-    from t2t_vit.data import available_cores, create_datasets, resolve_workers
+    from t2t_vit.data import BUILTIN, available_cores, create_datasets, resolve_workers
     from t2t_vit.runtime import default_device
     from t2t_vit.train.evaluate import evaluate
 
     if args.batch_size <= 0:
         raise T2TViTError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.data != "digits" and not os.path.exists(args.data):
+    if args.data not in BUILTIN and not os.path.exists(args.data):
         raise T2TViTError(f"data path {args.data!r} does not exist")
     model, meta, saved = _eval_model(args)
     img_size = getattr(model, "img_size", None) or tuple((saved or {}).get("input_size", (3, 224, 224))[1:])

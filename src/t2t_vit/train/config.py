@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from t2t_vit.data import BUILTIN
 from t2t_vit.errors import T2TViTError
 from t2t_vit.train import checks
 from t2t_vit.train.checks import coerce, read_yaml
@@ -66,6 +67,8 @@ class TrainConfig:
     weight_decay: float = 0.05
     momentum: float = 0.9
     body_lr_scale: float = 1.0  # lr of everything but the classifier = lr × this (transfer: 0.01)
+    t2t_lr_scale: float = 1.0  # lr of the tokenizer (T2T module) = its group's lr × this
+    t2t_warmup_epochs: float = 0.0  # the tokenizer's lr also ramps linearly from 0 over this many epochs
     clip_grad: float | None = None
     ema: bool = True
     ema_decay: float = 0.9998
@@ -111,7 +114,7 @@ class TrainConfig:
     def resolved_output(self) -> str:
         if self.output:
             return self.output
-        data_name = "digits" if self.data == "digits" else Path(self.data.rstrip("/")).name
+        data_name = self.data if self.data in BUILTIN else Path(self.data.rstrip("/")).name
         model_name = self.model.replace("/", "_")
         return os.path.join("runs", f"{model_name}-{data_name}-{time.strftime('%Y%m%d-%H%M%S')}")
 

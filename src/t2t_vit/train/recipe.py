@@ -59,23 +59,27 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     head_ids = set()
     if hasattr(model, "get_classifier"):
         head_ids = {id(p) for p in model.get_classifier().parameters()}
-    groups: dict[tuple[bool, bool], list] = {}
+    tokenizer_ids = set()
+    if (cfg.t2t_lr_scale != 1.0 or cfg.t2t_warmup_epochs > 0) and hasattr(model, "tokens_to_token"):
+        tokenizer_ids = {id(p) for p in model.tokens_to_token.parameters()}
+    groups: dict[tuple[bool, bool, bool], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         no_decay = param.ndim <= 1 or name.endswith(".bias") or name in skip
-        groups.setdefault((id(param) in head_ids, no_decay), []).append(param)
+        groups.setdefault((id(param) in head_ids, no_decay, id(param) in tokenizer_ids), []).append(param)
     return [
         dict(params=params, weight_decay=0.0 if no_decay else cfg.weight_decay,
-             lr_scale=1.0 if is_head else cfg.body_lr_scale)
-        for (is_head, no_decay), params in sorted(groups.items())
+             lr_scale=(1.0 if is_head else cfg.body_lr_scale) * (cfg.t2t_lr_scale if tokenizer else 1.0),
+             **({"ramp_epochs": cfg.t2t_warmup_epochs} if tokenizer else {}))
+        for (is_head, no_decay, tokenizer), params in sorted(groups.items())
     ]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
-    for group in groups:  # the scheduler sets the real lr on its first update
-        group["lr"] = cfg.lr * group["lr_scale"]
+    for group in groups:  # the scheduler multiplies by lr_scale itself, on its first update
+        group["lr"] = cfg.lr
     kwargs = dict(momentum=cfg.momentum) if cfg.opt in ("sgd", "momentum") else {}
     return create_optimizer_v2(groups, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
 
@@ -92,12 +96,27 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
     """Cosine from ``lr`` to ``min_lr`` after a linear warmup from ``warmup_lr``; the cooldown
     holds ``min_lr`` (timm's scheduler stays at the minimum after its single cycle). Stepped per update."""
     warmup, cosine, _ = schedule_steps(cfg, steps_per_epoch)
-    scheduler = CosineLRScheduler(
+    scheduler = RampedCosine(
         optimizer, t_initial=cosine, lr_min=cfg.min_lr, warmup_t=warmup, warmup_lr_init=cfg.warmup_lr,
         warmup_prefix=True, cycle_limit=1, t_in_epochs=False,
     )
+    scheduler.steps_per_epoch = steps_per_epoch
     scheduler.step_update(0)
     return scheduler
+
+
+class RampedCosine(CosineLRScheduler):
+    """timm's cosine schedule, plus a linear ramp from 0 over ``ramp_epochs`` for the param groups
+    that ask for one (the tokenizer with ``t2t_warmup_epochs``)."""
+
+    steps_per_epoch: int = 1
+
+    def step_update(self, num_updates: int, metric: float | None = None) -> None:
+        super().step_update(num_updates, metric)
+        for group in self.optimizer.param_groups:
+            ramp_steps = group.get("ramp_epochs", 0) * self.steps_per_epoch
+            if ramp_steps > 0:
+                group["lr"] *= min(1.0, num_updates / ramp_steps)
 
 
 def build_ema(model: nn.Module, cfg: TrainConfig) -> ModelEmaV3 | None:
