@@ -34,11 +34,12 @@ __all__ = [
 ]
 FULL_TASKS = (("infer", 1), ("infer", 8), ("infer", 32), ("train", 8))
 QUICK_TASKS = (("infer", 8), ("train", 8))
+QUICK_OTHERS = ("deit_small_patch16_224",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help=f"{', '.join(QUICK_MODELS)} in modes {' '.join(QUICK_MODES)} beside {' '.join(OTHERS)}, "
+                        help=f"{', '.join(QUICK_MODELS)} in modes {' '.join(QUICK_MODES)} beside {' '.join(QUICK_OTHERS)}, "
                         "infer:8 and train:8, 3 repeats, no memory, profile or agreement (about a minute)")
     parser.add_argument("--gpu", action="store_true",
                         help=f"the GPU preset on cuda: {', '.join(GPU_MODELS)}, inference at batch 256 and training at "
@@ -47,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=None,
                         help=f"default: {' '.join(DEFAULT_MODES)} (--gpu: all but onnx); reference is always added")
     parser.add_argument("--others", nargs="*", choices=OTHERS, default=None,
-                        help=f"timm models timed beside the first model (default: {' '.join(OTHERS)}; none: --others)")
+                        help=f"timm models timed beside the first model (default: {' '.join(OTHERS)}, quick: "
+                        f"{' '.join(QUICK_OTHERS)}; none: --others alone)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 5, quick 3, gpu 5)")
     parser.add_argument("--compile-models", nargs="*", default=None, choices=MODELS,
                         help=f"models also measured compiled when a compile mode is asked for (default "
@@ -59,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="e.g. train:64 infer:256 (default: " + " ".join(f"{t}:{b}" for t, b in FULL_TASKS)
                         + "; quick: " + " ".join(f"{t}:{b}" for t, b in QUICK_TASKS)
                         + "; gpu: " + " ".join(f"{t}:{b}" for t, b in GPU_TASKS) + ")")
+    parser.add_argument("--img-size", type=int, default=224, help="input size of every model (default 224)")
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown at batch 8")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default cpu; --gpu: cuda)")
@@ -69,13 +72,13 @@ def _preset(args: argparse.Namespace) -> dict:
     """Models, modes, tasks, repeats and the optional parts for the chosen preset and overrides."""
     if args.gpu:
         preset = dict(models=GPU_MODELS, modes=[m for m in MODES if m != "onnx"], tasks=GPU_TASKS, repeats=5,
-                      memory=False, profile=False, agreement=0)
+                      memory=False, profile=False, agreement=0, others=OTHERS)
     elif args.quick:
         preset = dict(models=QUICK_MODELS, modes=QUICK_MODES, tasks=QUICK_TASKS, repeats=3, memory=False,
-                      profile=False, agreement=0)
+                      profile=False, agreement=0, others=QUICK_OTHERS)
     else:
         preset = dict(models=DEFAULT_MODELS, modes=DEFAULT_MODES, tasks=FULL_TASKS, repeats=5, memory=True,
-                      profile=True, agreement=120)
+                      profile=True, agreement=120, others=OTHERS)
     modes = ["reference", *(m for m in args.modes or preset["modes"] if m != "reference")]
     compile_models = args.compile_models
     if compile_models is None:
@@ -84,8 +87,8 @@ def _preset(args: argparse.Namespace) -> dict:
                 repeats=args.repeats or preset["repeats"], memory_batch=8 if preset["memory"] else None,
                 compile_models=compile_models, compile_batches=None if args.gpu else (COMPILE_BATCH,),
                 agreement_steps=preset["agreement"] if args.agreement_steps is None else args.agreement_steps,
-                others=OTHERS if args.others is None else args.others,
-                profile=preset["profile"] and not args.no_profile)
+                others=preset["others"] if args.others is None else args.others,
+                profile=preset["profile"] and not args.no_profile, img_size=args.img_size)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -110,19 +110,24 @@ def make_step(model: nn.Module, mode: str, task: str, images: Tensor, labels: Te
     return train
 
 
-def kernel_summary(name: str, model: nn.Module, mode: str) -> str:
-    """Which attention kernel each attention of the case ran, counted: e.g. ``math x14, performer x2``."""
+def kernel_summary(name: str, model: nn.Module, mode: str, task: str = "infer", img_size: int = 224,
+                   device: str = "cpu") -> str:
+    """Which kernel each softmax attention of the case runs, counted (e.g. ``math x14``), and the
+    Performer formulation of the T2T layers (e.g. ``performer-matmul x2``)."""
     if mode == "onnx":
         return "onnxruntime MatMul+Softmax"
-    if name not in OTHERS:
-        counts: dict[str, int] = {}
-        for kernel in attention_kernels(getattr(model, "_orig_mod", model)).values():
-            counts[str(kernel)] = counts.get(str(kernel), 0) + 1
-        return ", ".join(f"{k} x{n}" for k, n in counts.items()) or "none"
-    timm_attention = [m for m in model.modules() if hasattr(m, "fused_attn") and hasattr(m, "qkv")]
-    if not timm_attention:
-        return "none (convolutions)"
-    return f"{'sdpa' if all(m.fused_attn for m in timm_attention) else 'math'} x{len(timm_attention)}"
+    if name in OTHERS:
+        timm_attention = [m for m in model.modules() if hasattr(m, "fused_attn") and hasattr(m, "qkv")]
+        if not timm_attention:
+            return "none (convolutions)"
+        return f"{'fused' if all(m.fused_attn for m in timm_attention) else 'math'} x{len(timm_attention)}"
+    model = getattr(model, "_orig_mod", model)  # compiled: the module it wraps
+    dtype = torch.bfloat16 if precision_of(mode) == "bf16" else torch.float32
+    kernels = list(attention_kernels(model, input_size=(3, img_size, img_size), dtype=dtype,
+                                     grad=task == "train", device=device).values())
+    kernels += [f"performer-{m.performer_formulation}" for m in model.modules() if hasattr(m, "performer_formulation")]
+    counts = {k: kernels.count(k) for k in dict.fromkeys(kernels)}
+    return ", ".join(f"{k} x{n}" for k, n in counts.items()) or "none"
 
 
 def _onnx_step(model: nn.Module, images: Tensor, folder: str) -> tuple[Callable[[], None], float]:
@@ -164,7 +169,8 @@ def _warm_case(
         model = build_case(name, mode, state, img_size=img_size).to(device)  # load_state_dict copies
         step = make_step(model, mode, task, images, labels)
     step()
-    case.update(step=step, kernel=kernel_summary(name, getattr(step, "model", model), mode))
+    kernel = kernel_summary(name, getattr(step, "model", model), mode, task, img_size, device.type)
+    case.update(step=step, kernel=kernel)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         case["peak_mb"] = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20

@@ -121,13 +121,13 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _memory_rows(name: str, modes: Iterable[str], batch: int, log: Callable[[str], None]) -> list[dict]:
+def _memory_rows(name: str, modes: Iterable[str], batch: int, img_size: int, log: Callable[[str], None]) -> list[dict]:
     """Peak training-step memory of ``name`` in each eager mode, each in a fresh process, with the
     ratio to the reference."""
     memory = []
     for mode in modes:
         log(f"  training memory {name} {mode} (fresh process)")
-        memory.append(dict(model=name, mode=mode, batch=batch, **training_memory(name, mode, batch)))
+        memory.append(dict(model=name, mode=mode, batch=batch, **training_memory(name, mode, batch, img_size)))
     ref = next((m["step_mb"] for m in memory if m["mode"] == "reference"), float("nan"))
     for m in memory:
         m["ratio"] = m["step_mb"] / ref
@@ -139,6 +139,7 @@ def run_suite(
     memory_batch: int | None, device: torch.device, log: Callable[[str], None] = print,
     compile_models: Iterable[str] = COMPILE_MODELS, agreement_steps: int = 0,
     compile_batches: Iterable[int] | None = (COMPILE_BATCH,), others: Iterable[str] = OTHERS, profile: bool = True,
+    img_size: int = 224,
 ) -> dict:
     """The whole benchmark as one dict: matmul rates, timing rows (``others`` timed beside the first
     model), training-memory rows (CPU), floors and, optionally, bf16 agreement."""
@@ -149,10 +150,10 @@ def run_suite(
     for index, name in enumerate(models):
         start = time.perf_counter()
         model_modes = [m for m in modes if not m.startswith("compile") or name in compile_models]
-        rows += bench_model(name, model_modes, tasks, repeats, device, compile_batches=compile_batches, log=log,
+        rows += bench_model(name, model_modes, tasks, repeats, device, img_size=img_size, compile_batches=compile_batches, log=log,
                             others=others if index == 0 else (), rates=rates if profile else None)
         if memory_batch and device.type == "cpu":
-            memory += _memory_rows(name, [m for m in ("reference", "fp32", "bf16") if m in modes], memory_batch, log)
+            memory += _memory_rows(name, [m for m in ("reference", "fp32", "bf16") if m in modes], memory_batch, img_size, log)
         log(f"{name}: {time.perf_counter() - start:.0f} s")
     for dtype, key in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16")):  # best of start and end
         rates[key] = max(rates[key], matmul_rate(dtype, device))
