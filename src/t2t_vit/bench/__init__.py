@@ -5,8 +5,8 @@ our defaults in fp32, our explicit bf16 inference model, the model under ONNX Ru
 (opt-in) ``torch.compile``; beside the first model, timm's ``deit_small_patch16_224`` and
 ``resnet50`` in fp32 and under bf16 autocast (see :mod:`t2t_vit.bench.cases`). The cases of one
 (task, batch) are timed in alternation after a warm-up and medians reported; each row has its
-compute floor (counted FLOPs / measured matmul rate) and the attention kernel it ran, and at batch
-8 a ``torch.profiler`` breakdown naming what bounds it. ``--quick`` is the short look (about a
+compute floor (counted FLOPs / measured matmul rate), the attention kernel it ran and, in the full
+suite, a ``torch.profiler`` breakdown naming what bounds it. ``--quick`` is the short look (about a
 minute on an idle 2-core CPU, progress on every case and round); ``--gpu`` the GPU preset (large
 batches, every mode compiled, peak memory from ``torch.cuda.max_memory_allocated``).
 """
@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         + "; quick: " + " ".join(f"{t}:{b}" for t, b in QUICK_TASKS)
                         + "; gpu: " + " ".join(f"{t}:{b}" for t, b in GPU_TASKS) + ")")
     parser.add_argument("--img-size", type=int, default=224, help="input size of every model (default 224)")
-    parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown at batch 8")
+    parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown of each case")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default cpu; --gpu: cuda)")
     parser.add_argument("--json", default="benchmarks/results.json", help="where to write the results")

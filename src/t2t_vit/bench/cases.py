@@ -44,7 +44,6 @@ MODES = ("reference", "reference-bf16", "fp32", "bf16", "onnx", "compile", "comp
 DEFAULT_MODES = ("reference", "reference-bf16", "fp32", "bf16", "onnx")
 QUICK_MODES = ("reference", "reference-bf16", "fp32", "bf16")
 OTHER_MODES = ("fp32", "bf16-autocast")
-PROFILE_BATCH = 8
 GPU_MODELS = ("t2t_vit_14", "t2t_vit_t_14")
 GPU_TASKS = (("infer", 256), ("train", 64), ("train", 128), ("train", 256))
 

@@ -14,7 +14,7 @@ import torch
 import t2t_vit
 from t2t_vit.agreement import digits_agreement
 from t2t_vit.bench.cases import (
-    AGREEMENT_MODEL, COMPILE_BATCH, COMPILE_MODELS, OTHER_MODES, OTHERS, PROFILE_BATCH, _warm_case, precision_of,
+    AGREEMENT_MODEL, COMPILE_BATCH, COMPILE_MODELS, OTHER_MODES, OTHERS, _warm_case, precision_of,
 )
 from t2t_vit.bench.measure import forward_flops, matmul_rate, profile_bound, time_alternating, training_memory
 from t2t_vit.runtime import malloc_tuned
@@ -62,7 +62,7 @@ def bench_model(
     alternation; rows with ratios to the reference in fp32 and under bf16 autocast.
 
     Compiled modes run only at ``compile_batches`` (None: every batch). With ``rates`` (matmul
-    GFLOP/s per dtype) each case at batch :data:`PROFILE_BATCH` is also profiled once. On a GPU each
+    GFLOP/s per dtype) each case is also run once under ``torch.profiler`` to say what bounds it. On a GPU each
     row has ``peak_mb`` (``torch.cuda.max_memory_allocated`` while the case was built and warmed); a
     case that runs out of memory is reported as such and the others go on.
     """
@@ -80,7 +80,7 @@ def bench_model(
             rows += failed
             times = time_alternating({k: c["step"] for k, c in warmed.items()}, repeats, device, warm_up=False, log=log)
             rows += _rows(name, task, batch, warmed, times, flops)
-            if rates and batch == PROFILE_BATCH:
+            if rates:
                 _profile_rows(rows[-len(warmed):], warmed, rates, log)
             del warmed
             _release(device)
