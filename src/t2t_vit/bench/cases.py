@@ -16,6 +16,7 @@ timm's models (:data:`OTHERS`) run in ``fp32`` and ``bf16-autocast``.
 """
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from typing import Callable
@@ -53,13 +54,12 @@ def precision_of(mode: str) -> str:
     return "bf16" if "bf16" in mode else "fp32"
 
 
-def build_case(name: str, mode: str, state: dict | None = None, **model_kwargs) -> nn.Module:
-    """The T2T-ViT ``name`` set up for ``mode`` (one of :data:`MODES` but onnx), optionally with given weights."""
+def build_case(name: str, mode: str, base: nn.Module | None = None, **model_kwargs) -> nn.Module:
+    """The T2T-ViT ``name`` set up for ``mode`` (one of :data:`MODES` but onnx): a copy of ``base``
+    (the same weights for every case, and no second initialisation) or a new model."""
     if mode not in MODES or mode == "onnx":
         raise T2TViTError(f"unknown benchmark mode {mode!r}; choose one of {', '.join(MODES)}")
-    model = t2t_vit.create_model(name, **model_kwargs)
-    if state is not None:
-        model.load_state_dict(state)
+    model = copy.deepcopy(base) if base is not None else t2t_vit.create_model(name, **model_kwargs)
     if mode.startswith("reference"):
         reference_formulation(model)
     if mode.startswith("compile"):
@@ -148,7 +148,7 @@ def _onnx_step(model: nn.Module, images: Tensor, folder: str) -> tuple[Callable[
 
 
 def _warm_case(
-    name: str, mode: str, task: str, state: dict | None, images: Tensor, labels: Tensor, img_size: int,
+    name: str, mode: str, task: str, base: nn.Module | None, images: Tensor, labels: Tensor, img_size: int,
     folder: str | None = None,
 ) -> dict:
     """Build one case and run it once (warm-up, compilation, optimizer state): its step, kernel, GPU peak MB."""
@@ -159,13 +159,13 @@ def _warm_case(
         torch.cuda.reset_peak_memory_stats(device)
     case = dict(peak_mb=None)
     if name in OTHERS:
-        model = build_other(name, img_size).to(device)
+        model = (copy.deepcopy(base) if base is not None else build_other(name, img_size)).to(device)
         step = make_step(model, mode, task, images, labels)
     elif mode == "onnx":
-        model = build_case(name, "fp32", state, img_size=img_size)
+        model = build_case(name, "fp32", base, img_size=img_size)
         step, case["onnx_max_diff"] = _onnx_step(model, images, folder or tempfile.gettempdir())
     else:
-        model = build_case(name, mode, state, img_size=img_size).to(device)  # load_state_dict copies
+        model = build_case(name, mode, base, img_size=img_size).to(device)
         step = make_step(model, mode, task, images, labels)
     step()
     kernel = kernel_summary(name, getattr(step, "model", model), mode, task, img_size, device.type)

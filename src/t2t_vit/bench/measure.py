@@ -52,11 +52,13 @@ def matmul_rate(dtype: torch.dtype, device: torch.device, size: int | None = Non
     return 2 * size**3 * calls / min(seconds) / 1e9
 
 
-def forward_flops(name: str, img_size: int = 224) -> float:
-    """FLOPs of one image's forward pass, every matmul and convolution counted (attention included)."""
+def forward_flops(name: str, img_size: int = 224, model: torch.nn.Module | None = None) -> float:
+    """FLOPs of one image's forward pass of ``name`` (or of ``model``, built as ``name``), every
+    matmul and convolution counted (attention included)."""
     from t2t_vit.profile import count_macs
 
-    model = build_other(name, img_size) if name in OTHERS else t2t_vit.create_model(name, img_size=img_size)
+    if model is None:
+        model = build_other(name, img_size) if name in OTHERS else t2t_vit.create_model(name, img_size=img_size)
     macs, _ = count_macs(model, (3, img_size, img_size))
     return 2 * macs
 

@@ -14,7 +14,7 @@ import torch
 import t2t_vit
 from t2t_vit.agreement import digits_agreement
 from t2t_vit.bench.cases import (
-    AGREEMENT_MODEL, COMPILE_BATCH, COMPILE_MODELS, OTHER_MODES, OTHERS, _warm_case, precision_of,
+    AGREEMENT_MODEL, COMPILE_BATCH, COMPILE_MODELS, OTHER_MODES, OTHERS, _warm_case, build_other, precision_of,
 )
 from t2t_vit.bench.measure import forward_flops, matmul_rate, profile_bound, time_alternating, training_memory
 from t2t_vit.runtime import malloc_tuned
@@ -35,14 +35,14 @@ def _group_cases(name: str, modes: Iterable[str], others: Iterable[str], task: s
     return cases + [(other, mode) for other in others for mode in OTHER_MODES]
 
 
-def _warm_group(cases, task, state, images, labels, img_size, folder, log) -> tuple[dict, list[dict]]:
+def _warm_group(cases, task, bases, images, labels, img_size, folder, log) -> tuple[dict, list[dict]]:
     """Warm every case; (key -> warmed case, rows of cases that ran out of memory)."""
     warmed, failed = {}, []
     for model, mode in cases:
         start = time.perf_counter()
         try:
             warmed[f"{model} {mode}"] = dict(model=model, mode=mode, **_warm_case(
-                model, mode, task, state if model not in OTHERS else None, images, labels, img_size, folder))
+                model, mode, task, bases[model], images, labels, img_size, folder))
             log(f"  {model} {mode}: ready in {time.perf_counter() - start:.1f} s")
             continue
         except torch.OutOfMemoryError:
@@ -67,8 +67,9 @@ def bench_model(
     case that runs out of memory is reported as such and the others go on.
     """
     torch.manual_seed(0)
-    state = t2t_vit.create_model(name, img_size=img_size).state_dict()
-    flops = {model: forward_flops(model, img_size) for model in (name, *others)}
+    log(f"{name}: building {', '.join((name, *others))} at {img_size} px, counting FLOPs")
+    bases = {name: t2t_vit.create_model(name, img_size=img_size), **{o: build_other(o, img_size) for o in others}}
+    flops = {model: forward_flops(model, img_size, base) for model, base in bases.items()}
     rows = []
     with tempfile.TemporaryDirectory(prefix="t2t-vit-bench-") as folder:
         for task, batch in tasks:
@@ -76,7 +77,7 @@ def bench_model(
             images = torch.randn(batch, 3, img_size, img_size, device=device)
             labels = torch.randint(0, 1000, (batch,), device=device)
             cases = _group_cases(name, modes, others, task, batch, compile_batches, device)
-            warmed, failed = _warm_group(cases, task, state, images, labels, img_size, folder, log)
+            warmed, failed = _warm_group(cases, task, bases, images, labels, img_size, folder, log)
             rows += failed
             times = time_alternating({k: c["step"] for k, c in warmed.items()}, repeats, device, warm_up=False, log=log)
             rows += _rows(name, task, batch, warmed, times, flops)
