@@ -191,16 +191,17 @@ def test_fused_attention_equals_plain_path(name):
     model = create_model(name, img_size=64, depth=2, num_classes=10).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        fused = model(x)
-        plain = t2t_vit.set_fused_attn(model, False)(x)
+        fused = t2t_vit.configure(model, attention="fused")(x)
+        plain = t2t_vit.configure(model, attention="math")(x)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_attention_is_default():
-    from t2t_vit.layers import Attention
+def test_attention_kernel_default_is_the_measured_rule():
+    from t2t_vit.layers import AttentionCore
 
     model = create_model("t2t_vit_t_14", depth=1)
-    assert all(m.fused_attn for m in model.modules() if isinstance(m, Attention))
+    kernels = [m.attention_kernel for m in model.modules() if isinstance(m, AttentionCore)]
+    assert kernels == ["auto"] * 3  # two T2T layers, one block
 
 
 # ---- position table -------------------------------------------------------------------------

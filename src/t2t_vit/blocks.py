@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from timm.layers import DropPath
 
-from t2t_vit.layers import Attention, GhostAttention, GhostMlp, Linear, Mlp
+from t2t_vit.layers import Attention, GhostAttention, GhostMlp, Mlp
 
 BLOCK_KINDS = ("standard", "se", "ghost")
 
@@ -50,6 +50,10 @@ class Block(nn.Module):
         self.mlp = GhostMlp(dim, hidden, drop=drop) if kind == "ghost" else Mlp(dim, hidden, drop=drop)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.residual_branches(x)
+
+    def residual_branches(self, x: Tensor) -> Tensor:
+        """x + DropPath(MSA(LN(x))), then + DropPath(MLP(LN(·))) (paper Eq. 5)."""
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -59,10 +63,10 @@ class DenseBlock(Block):
 
     def __init__(self, dim: int, growth: int, **kwargs) -> None:
         super().__init__(dim, **kwargs)
-        self.dense_linear = Linear(dim, growth)
+        self.dense_linear = nn.Linear(dim, growth)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([x, self.dense_linear(super().forward(x))], dim=-1)
+        return torch.cat([x, self.dense_linear(self.residual_branches(x))], dim=-1)
 
 
 class Transition(nn.Module):
@@ -70,7 +74,7 @@ class Transition(nn.Module):
 
     def __init__(self, dim: int, out_dim: int) -> None:
         super().__init__()
-        self.linear = Linear(dim, out_dim)
+        self.linear = nn.Linear(dim, out_dim)
         self.act = nn.GELU()
 
     def forward(self, x: Tensor) -> Tensor:

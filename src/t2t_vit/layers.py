@@ -1,17 +1,19 @@
 """Building blocks shared by the T2T module and the backbone.
 
-Attention has two paths that compute the same function: the fused
-``F.scaled_dot_product_attention`` (default; no N×N matrix in memory) and a plain softmax path
-(``fused_attn = False``) that tests and the reference benchmark compare against. ``Linear`` is
-``nn.Linear`` plus a cache of its autocast weight copy for inference (see its docstring).
+Softmax attention keeps its core — softmax(q·kᵀ·scale)·v — in a parameter-free submodule,
+:class:`AttentionCore`, whose ``attention_kernel`` (see :mod:`t2t_vit.switchboard`) picks the fused
+``F.scaled_dot_product_attention``, the explicit matmul formulation of the paper's code, or the
+measured rule between them. Every module here is scriptable and traceable by ``torch.fx``; the core
+function is an fx leaf, so a traced graph still picks its kernel per call.
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_function
 from torch import Tensor, nn
+
+from t2t_vit import switchboard
 
 
 def sinusoid_table(num_positions: int, dim: int) -> Tensor:
@@ -29,54 +31,36 @@ def sinusoid_table(num_positions: int, dim: int) -> Tensor:
     return table[None].float()
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` that keeps its low-precision weight copy between inference calls.
+@register_notrace_function
+@torch.fx.wrap
+def softmax_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout: float, kernel: str) -> Tensor:
+    """softmax(q·kᵀ·scale)·v over (B, heads, N, head_dim); ``kernel`` is "fused", "math" or "auto"."""
+    if kernel == "auto":
+        kernel = switchboard.auto_kernel(q.device.type, q.dtype, q.shape[-2], torch.is_grad_enabled())
+    if kernel == "fused":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
+    attn = (q * scale) @ k.transpose(-2, -1)
+    attn = attn.softmax(dim=-1)
+    if dropout > 0.0:
+        attn = F.dropout(attn, p=dropout)
+    return attn @ v
 
-    Autocast casts every fp32 weight to bf16/fp16 on every call and, under ``inference_mode``,
-    never reuses the copy, so each batch re-reads and re-writes all weights (8-9 ms of a ~110 ms
-    bf16 T2T-ViT-14 forward at batch 8 on the development CPU). With gradients off and autocast on, this layer keeps one
-    copy and makes it again whenever the weights change: in-place updates (optimizer steps, EMA,
-    ``load_state_dict``) bump the version counters, moves change the storage. It computes
-    exactly what autocast computes; with gradients on, or when compiling, it is plain
-    ``nn.Linear`` (autocast's own per-forward cache serves training). Set ``cache_cast = False``
-    (on the class or one layer) to trade the speed for the copy's memory (half the fp32 weights).
 
-    Writes through ``weight.data`` bypass the version counter (PyTorch's documented hazard of
-    ``.data``) and are not seen: update weights in place under ``torch.no_grad()`` as optimizers,
-    EMA helpers and ``load_state_dict`` do, or switch the cache off.
-    """
+class AttentionCore(nn.Module):
+    """The attention matrix and its product with the values; no parameters."""
 
-    cache_cast: bool = True
-    _cast: tuple | None = None  # (key, weight, bias in the autocast dtype, weak refs to the sources)
+    def __init__(self, scale: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.scale = scale
+        self.dropout = dropout
+        self.attention_kernel = switchboard.default("attention")
 
-    def forward(self, x: Tensor) -> Tensor:
-        device = x.device.type
-        if (
-            not self.cache_cast
-            or torch.is_grad_enabled()
-            or not torch.amp.is_autocast_available(device)  # e.g. "meta", used to count MACs
-            or not torch.is_autocast_enabled(device)
-            or torch.compiler.is_compiling()
-            or self.weight.is_inference()  # built under inference_mode: no version counter to watch
-            or not isinstance(self.weight, nn.Parameter)  # e.g. parametrized: recomputed on every access
-        ):
-            return super().forward(x)
-        _, weight, bias, _ = self._autocast_copy(torch.get_autocast_dtype(device))
-        return F.linear(x, weight, bias)
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        dropout = self.dropout if self.training else 0.0
+        return softmax_attention(q, k, v, self.scale, dropout, self.attention_kernel)
 
-    def _apply(self, fn, recurse: bool = True):
-        self._cast = None  # .to() / .cuda() / .half(): the old copy would only hold memory
-        return super()._apply(fn, recurse)
-
-    def _autocast_copy(self, dtype: torch.dtype) -> tuple:
-        tensors = [t for t in (self.weight, self.bias) if t is not None]
-        key = (dtype, *((t.device, t.data_ptr(), t._version) for t in tensors))
-        # Same tensor objects too (weak references): a replaced Parameter can reuse the old one's
-        # address with a fresh version counter.
-        if self._cast is None or self._cast[0] != key or any(r() is not t for r, t in zip(self._cast[3], tensors)):
-            bias = self.bias.to(dtype) if self.bias is not None else None
-            self._cast = (key, self.weight.to(dtype), bias, [weakref.ref(t) for t in tensors])
-        return self._cast
+    def extra_repr(self) -> str:
+        return f"kernel={self.attention_kernel}, scale={self.scale:.4g}"
 
 
 class Mlp(nn.Module):
@@ -87,10 +71,10 @@ class Mlp(nn.Module):
         drop: float = 0.0,
     ) -> None:
         super().__init__()
-        self.fc1 = Linear(dim, hidden_dim)
+        self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = Linear(hidden_dim, out_dim or dim)
+        self.fc2 = nn.Linear(hidden_dim, out_dim or dim)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -103,9 +87,9 @@ class SqueezeExcite(nn.Module):
     def __init__(self, dim: int, reduction: int = 16) -> None:
         super().__init__()
         self.fc = nn.Sequential(
-            Linear(dim, dim // reduction, bias=False),
+            nn.Linear(dim, dim // reduction, bias=False),
             nn.ReLU(inplace=True),
-            Linear(dim // reduction, dim, bias=False),
+            nn.Linear(dim // reduction, dim, bias=False),
             nn.Sigmoid(),
         )
 
@@ -120,7 +104,7 @@ class CheapOperation(nn.Conv1d):
         super().__init__(dim, dim, kernel_size=1, groups=dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+        return self._conv_forward(x.transpose(1, 2), self.weight, self.bias).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -129,9 +113,8 @@ class Attention(nn.Module):
     ``out_dim`` lets the T2T transformer layer map its wide input (147 or 576 features) to the
     narrow token width; with ``value_residual`` the layer adds the values, not the input, as the
     residual (the reference T2T layer does this because input and output widths differ).
+    ``joint_qkv=False`` leaves the q/k/v projections to a subclass (:class:`GhostAttention`).
     """
-
-    fused_attn: bool = True
 
     def __init__(
         self,
@@ -144,6 +127,7 @@ class Attention(nn.Module):
         proj_drop: float = 0.0,
         value_residual: bool = False,
         se_reduction: int = 0,
+        joint_qkv: bool = True,
     ) -> None:
         super().__init__()
         out_dim = out_dim or dim
@@ -153,31 +137,28 @@ class Attention(nn.Module):
         self.out_dim = out_dim
         self.scale = scale if scale is not None else (out_dim // num_heads) ** -0.5
         self.value_residual = value_residual
-        self.qkv = Linear(dim, out_dim * 3, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = Linear(out_dim, out_dim)
+        if joint_qkv:
+            self.qkv = nn.Linear(dim, out_dim * 3, bias=qkv_bias)
+        self.core = AttentionCore(self.scale, attn_drop)
+        self.proj = nn.Linear(out_dim, out_dim)
         self.se_layer = SqueezeExcite(out_dim, se_reduction) if se_reduction else nn.Identity()
         self.proj_drop = nn.Dropout(proj_drop)
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries, keys and values, each (B, N, out_dim)."""
-        return self.qkv(x).chunk(3, dim=-1)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return q, k, v
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """softmax(q·kᵀ·scale)·v over heads of shape (B, heads, N, head_dim)."""
-        if self.fused_attn:
-            drop = self.attn_drop.p if self.training else 0.0
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        return attn @ v
+    def split_heads(self, t: Tensor) -> Tensor:
+        """(B, N, out_dim) → (B, heads, N, head_dim)."""
+        return t.view(t.shape[0], t.shape[1], self.num_heads, self.out_dim // self.num_heads).transpose(1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        batch, tokens, _ = x.shape
+        batch, tokens = x.shape[0], x.shape[1]
         q, k, v = self.project_qkv(x)
-        heads = [t.view(batch, tokens, self.num_heads, -1).transpose(1, 2) for t in (q, k, v)]
-        y = self.attend(*heads).transpose(1, 2).reshape(batch, tokens, self.out_dim)
-        y = self.proj_drop(self.se_layer(self.proj(y)))
+        y = self.core(self.split_heads(q), self.split_heads(k), self.split_heads(v))
+        y = self.proj(y.transpose(1, 2).reshape(batch, tokens, self.out_dim))
+        y = self.proj_drop(self.se_layer(y))
         return v + y if self.value_residual else y
 
 
@@ -185,26 +166,22 @@ class GhostAttention(Attention):
     """Attention whose q, k, v are half-width projections completed by cheap operations."""
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, **kwargs) -> None:
-        super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, **kwargs)
-        del self.qkv
+        super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, joint_qkv=False, **kwargs)
         half = dim // 2
-        self.q = Linear(dim, half, bias=qkv_bias)
-        self.k = Linear(dim, half, bias=qkv_bias)
-        self.v = Linear(dim, half, bias=qkv_bias)
+        self.q = nn.Linear(dim, half, bias=qkv_bias)
+        self.k = nn.Linear(dim, half, bias=qkv_bias)
+        self.v = nn.Linear(dim, half, bias=qkv_bias)
         self.cheap_operation_q = CheapOperation(half)
         self.cheap_operation_k = CheapOperation(half)
         self.cheap_operation_v = CheapOperation(half)
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        out = []
-        for linear, cheap in (
-            (self.q, self.cheap_operation_q),
-            (self.k, self.cheap_operation_k),
-            (self.v, self.cheap_operation_v),
-        ):
-            primary = linear(x)
-            out.append(torch.cat([primary, cheap(primary)], dim=-1))
-        return out[0], out[1], out[2]
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        return (
+            torch.cat([q, self.cheap_operation_q(q)], dim=-1),
+            torch.cat([k, self.cheap_operation_k(k)], dim=-1),
+            torch.cat([v, self.cheap_operation_v(v)], dim=-1),
+        )
 
 
 class GhostMlp(nn.Module):
@@ -215,16 +192,19 @@ class GhostMlp(nn.Module):
         copies = hidden_dim // dim
         if copies < 1 or hidden_dim % dim:
             raise ValueError(f"Ghost MLP needs a hidden width that is a multiple of {dim}, got {hidden_dim}")
-        self.fc1 = Linear(dim, dim)
+        self.fc1 = nn.Linear(dim, dim)
         self.act = act_layer()
         # Named cheap_operation2, 3, ... as in the reference layout.
-        self.num_cheap = copies - 1
-        for index in range(self.num_cheap):
+        for index in range(copies - 1):
             self.add_module(f"cheap_operation{index + 2}", CheapOperation(dim))
         self.drop = nn.Dropout(drop)
-        self.fc2 = Linear(dim * copies, dim)
+        self.fc2 = nn.Linear(dim * copies, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         primary = self.act(self.fc1(x))
-        cheap = [self.act(getattr(self, f"cheap_operation{i + 2}")(primary)) for i in range(self.num_cheap)]
-        return self.drop(self.fc2(self.drop(torch.cat([primary, *cheap], dim=-1))))
+        parts = [primary]
+        # Children in registration order; iterating them by name keeps the loop scriptable.
+        for name, child in self.named_children():
+            if name.startswith("cheap_operation"):
+                parts.append(self.act(child(primary)))
+        return self.drop(self.fc2(self.drop(torch.cat(parts, dim=-1))))

@@ -3,20 +3,20 @@
 The class also fulfils timm's model contract (forward_features / forward_head, intermediates,
 gradient checkpointing, classifier reset, weight-decay exclusions) so every timm tool works.
 """
-from __future__ import annotations
-
-from typing import Sequence
+import warnings
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
-from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.layers import register_notrace_function, resample_abs_pos_embed, trunc_normal_
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from t2t_vit.blocks import DenseBlock, Transition, build_blocks
 from t2t_vit.errors import T2TViTError
-from t2t_vit.layers import Attention, Linear, sinusoid_table
-from t2t_vit.t2t import SoftSplitSpec, build_tokenizer
+from t2t_vit import switchboard
+from t2t_vit.layers import sinusoid_table
+from t2t_vit.t2t import SoftSplitSpec, build_tokenizer, token_grid
 
 
 def to_2tuple_size(img_size: int | Sequence[int]) -> tuple[int, int]:
@@ -67,7 +67,6 @@ class T2TViT(nn.Module):
         drop_path_rate: float = 0.0,
         global_pool: str = "token",
         dynamic_img_size: bool = False,
-        fused_attn: bool = True,
         t2t_kernel_ratio: float = 0.5,
         t2t_drop_rate: float = 0.1,
     ) -> None:
@@ -89,7 +88,8 @@ class T2TViT(nn.Module):
         )
         self.grid_size = self.tokens_to_token.grid(self.img_size)
         num_tokens = self.grid_size[0] * self.grid_size[1]
-        self.pos_embed = nn.Parameter(sinusoid_table(num_tokens + 1, embed_dim), requires_grad=False)
+        # A fixed table, so a buffer (no gradient, no optimizer state) under the checkpoints' key.
+        self.register_buffer("pos_embed", sinusoid_table(num_tokens + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
         self.blocks, self.num_features = build_blocks(
             embed_dim, depth, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, drop_path_rate,
@@ -98,7 +98,7 @@ class T2TViT(nn.Module):
         self.head_hidden_size = self.num_features
         self.norm = nn.LayerNorm(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info = []
         width = embed_dim
         for index, blk in enumerate(self.blocks):
@@ -107,7 +107,6 @@ class T2TViT(nn.Module):
 
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
-        set_fused_attn(self, fused_attn)
 
     # ---- geometry -------------------------------------------------------------------------
     @property
@@ -115,29 +114,25 @@ class T2TViT(nn.Module):
         return max(1, self.img_size[0] // self.grid_size[0])
 
     def _position_table(self, grid: tuple[int, int]) -> Tensor:
-        if grid == self.grid_size:
-            return self.pos_embed
-        if not self.dynamic_img_size:
-            raise T2TViTError(
-                f"this model was built for {self.img_size[0]}x{self.img_size[1]} inputs "
-                f"({self.grid_size[0]}x{self.grid_size[1]} tokens) but got a {grid[0]}x{grid[1]} token grid; "
-                "create it with the right img_size, or with dynamic_img_size=True to resample the position table"
-            )
-        return resample_position_table(self.pos_embed, grid, self.grid_size)
+        return fit_position_table(self.pos_embed, grid, self.grid_size, self.dynamic_img_size, self.img_size)
 
     # ---- forward --------------------------------------------------------------------------
     def embed(self, x: Tensor) -> Tensor:
-        """Image → tokens with cls token and position table, before the blocks."""
-        if x.ndim != 4:
-            raise T2TViTError(f"expected images of shape (batch, channels, height, width), got {tuple(x.shape)}")
-        grid = self.tokens_to_token.grid(tuple(x.shape[-2:]))
-        tokens = self.tokens_to_token(x)
+        """Image → tokens with cls token and position table, before the blocks.
+
+        The input is cast to the weights' dtype (a no-op in fp32), so a bf16 model takes fp32 images.
+        """
+        table = position_table_for(x, self.pos_embed, self.tokens_to_token.specs, self.grid_size,
+                                   self.dynamic_img_size, self.img_size)
+        tokens = self.tokens_to_token(x.to(self.cls_token.dtype))
         tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
-        return self.pos_drop(tokens + self._position_table(grid).to(tokens.dtype))
+        return self.pos_drop(tokens + table.to(tokens.dtype))
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.embed(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
+        if torch.jit.is_scripting():
+            x = self.blocks(x)
+        elif self.grad_checkpointing:
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)
@@ -216,19 +211,58 @@ class T2TViT(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
-        self.head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             _init_weights(self.head)
 
 
-def resample_position_table(table: Tensor, new_grid: Sequence[int], old_grid: Sequence[int]) -> Tensor:
+def resample_position_table(table: Tensor, new_grid: Tuple[int, int], old_grid: Tuple[int, int]) -> Tensor:
     """Bicubic resampling of a (1, 1 + h·w, D) table over its grid, cls row kept.
 
     Plain bicubic (no antialiasing), as the authors' loader does, so fine-tuned checkpoints agree.
     """
     return resample_abs_pos_embed(
-        table, new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=1, antialias=False
+        table, new_size=[new_grid[0], new_grid[1]], old_size=[old_grid[0], old_grid[1]], num_prefix_tokens=1,
+        antialias=False,
     )
+
+
+def fit_position_table(
+    table: Tensor, grid: Tuple[int, int], built: Tuple[int, int], dynamic: bool, img_size: Tuple[int, int]
+) -> Tensor:
+    """The position table for a ``grid`` of tokens: the model's own, or resampled if ``dynamic``."""
+    if grid[0] == built[0] and grid[1] == built[1]:
+        return table
+    if not dynamic:
+        if torch.jit.is_scripting():
+            raise RuntimeError("the input gives another token grid than the model was built for")
+        else:
+            raise T2TViTError(
+                f"this model was built for {img_size[0]}x{img_size[1]} inputs "
+                f"({built[0]}x{built[1]} tokens) but got a {grid[0]}x{grid[1]} token grid; create it with "
+                "the right img_size, or with dynamic_img_size=True to resample the position table"
+            )
+    return resample_position_table(table, grid, built)
+
+
+@register_notrace_function
+@torch.fx.wrap
+def position_table_for(
+    image: Tensor, table: Tensor, specs: List[Tuple[int, int, int]], built: Tuple[int, int], dynamic: bool,
+    img_size: Tuple[int, int],
+) -> Tensor:
+    """The position table for ``image`` (checked: 4-D, a size the soft splits tile).
+
+    Depends on the input's shape through Python control flow, so ``torch.fx`` keeps it as one call.
+    """
+    if image.dim() != 4:
+        if torch.jit.is_scripting():
+            raise RuntimeError("expected images of shape (batch, channels, height, width)")
+        else:
+            raise T2TViTError(
+                f"expected images of shape (batch, channels, height, width), got {tuple(image.shape)}")
+    grid = token_grid((image.shape[-2], image.shape[-1]), specs)
+    return fit_position_table(table, grid, built, dynamic, img_size)
 
 
 def _out_width(block: nn.Module, width: int) -> int:
@@ -250,8 +284,7 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def set_fused_attn(model: nn.Module, enable: bool = True) -> nn.Module:
-    """Switch every softmax attention of ``model`` between the fused kernel and the plain path."""
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.fused_attn = enable
-    return model
+    """Deprecated: ``switchboard.configure(model, attention="fused" | "math")`` does this."""
+    warnings.warn("set_fused_attn is deprecated; use t2t_vit.configure(model, attention=...)", DeprecationWarning,
+                  stacklevel=2)
+    return switchboard.configure(model, attention="fused" if enable else "math")

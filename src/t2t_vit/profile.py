@@ -1,72 +1,58 @@
 """Model size and compute: params, and MACs counted by torch's FlopCounterMode.
 
-MACs are counted on the ``meta`` device: there every op, the fused attention kernel included,
-has a registered FLOP formula (on CPU the fused kernel counts as zero) and nothing is computed.
-"MACs without attention" repeats the count with the attention core — q·kᵀ and attn·v, or the
-Performer's feature maps and products — left out, the convention some third-party tables use.
+MACs are counted on the ``meta`` device: there every op has a registered FLOP formula and nothing
+is computed. "MACs without attention" leaves out the attention cores — q·kᵀ and attn·v, or the
+Performer's feature maps and products — the convention some third-party tables use. The cores are
+parameter-free submodules (:class:`~t2t_vit.layers.AttentionCore`,
+:class:`~t2t_vit.t2t.PerformerCore`), so FlopCounterMode's per-module counts give them directly.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import FlopCounterMode
 
-from t2t_vit.layers import Attention
-from t2t_vit.t2t import TokenPerformer
+from t2t_vit.layers import AttentionCore
+from t2t_vit.t2t import PerformerCore
+
+ATTENTION_CORES = (AttentionCore, PerformerCore)
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
-    """(total, trainable) parameter counts; frozen tensors such as pos_embed count in the total."""
+    """(total, trainable) parameter counts.
+
+    The total includes the fixed tables kept as buffers (``pos_embed``, the Performer's ``w``),
+    as the paper's and the reference code's counts do; trainable counts what the optimizer updates.
+    """
     total = sum(p.numel() for p in model.parameters())
+    total += sum(t.numel() for name, t in model.state_dict().items() if _is_fixed_table(name))
     return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-@contextmanager
-def _attention_uncounted() -> Iterator[None]:
-    """Run every attention core outside the active FlopCounterMode."""
-    originals = {cls: cls.attend for cls in (Attention, TokenPerformer)}
-
-    def hide(fn):
-        def attend(self, *args, **kwargs):
-            with _disable_current_modes():
-                return fn(self, *args, **kwargs)
-
-        return attend
-
-    try:
-        for cls, fn in originals.items():
-            cls.attend = hide(fn)
-        yield
-    finally:
-        for cls, fn in originals.items():
-            cls.attend = fn
+def _is_fixed_table(key: str) -> bool:
+    return key == "pos_embed" or key.endswith(".w")
 
 
 def count_macs(model: nn.Module, input_size: tuple[int, int, int], batch: int = 1) -> tuple[float, float]:
-    """(MACs, MACs without attention matmuls) of one forward pass, per image.
+    """(MACs, MACs without the attention cores) of one forward pass, per image.
 
     Works on a copy of ``model`` on the meta device: the model itself is left as it is.
     """
     meta_model = copy.deepcopy(model).to("meta").eval()
-    x = torch.empty(batch, *input_size, device="meta")
-    counts = []
-    for hide_attention in (False, True):
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            if hide_attention:
-                with _attention_uncounted():
-                    meta_model(x)
-            else:
-                meta_model(x)
-        counts.append(counter.get_total_flops() / 2 / batch)
-    return counts[0], counts[1]
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        meta_model(torch.empty(batch, *input_size, device="meta"))
+    per_module = counter.get_flop_counts()
+    root = type(meta_model).__name__
+    cores = {f"{root}.{name}" for name, m in meta_model.named_modules() if isinstance(m, ATTENTION_CORES)}
+    attention = sum(sum(per_module.get(name, {}).values()) for name in cores)
+    total = counter.get_total_flops()
+    return total / 2 / batch, (total - attention) / 2 / batch
 
 
 def profile_model(name: str, img_size: int | tuple[int, int] = 224, **kwargs: Any) -> dict[str, Any]:

@@ -8,14 +8,17 @@ width (Eq. 4).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from t2t_vit.errors import T2TViTError
-from t2t_vit.layers import Attention, Linear, Mlp
+from timm.layers import register_notrace_function
+
+from t2t_vit import switchboard
+from t2t_vit.layers import Attention, Mlp
 
 # (kernel, stride, padding) of each soft split.
 SoftSplitSpec = tuple[int, int, int]
@@ -32,7 +35,7 @@ def split_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def side_after_splits(size: int, specs: Sequence[SoftSplitSpec]) -> int | None:
+def side_after_splits(size: int, specs: List[Tuple[int, int, int]]) -> Optional[int]:
     """Tokens along one side after every soft split, or None if a split would drop input pixels.
 
     A split drops pixels when its last window ends before the last real (unpadded) pixel; unfold
@@ -50,56 +53,59 @@ def side_after_splits(size: int, specs: Sequence[SoftSplitSpec]) -> int | None:
 
 def sizes_that_work(size: int, specs: Sequence[SoftSplitSpec], count: int = 2) -> list[int]:
     """The closest side lengths below and above ``size`` that the soft splits accept."""
+    specs = [tuple(s) for s in specs]
     below = [s for s in range(size - 1, 0, -1) if side_after_splits(s, specs)][:count]
     above = [s for s in range(size + 1, size + 64) if side_after_splits(s, specs)][:count]
     return sorted(below + above)
 
 
-def token_grid(img_size: tuple[int, int], specs: Sequence[SoftSplitSpec]) -> tuple[int, int]:
+def _untileable(img_size: Tuple[int, int], side: int, specs: Sequence[SoftSplitSpec]) -> T2TViTError:
+    schedule = ", ".join(f"{k}/{s}" for k, s, _ in specs)
+    working = sizes_that_work(side, specs)
+    problem = "is too small" if side < working[0] else "would lose pixels"
+    return T2TViTError(
+        f"image size {img_size[0]}x{img_size[1]} cannot be tiled by the soft splits "
+        f"(kernel/stride {schedule}): a side of {side} px {problem}; "
+        f"sides that work near it: {', '.join(map(str, working))}"
+    )
+
+
+def token_grid(img_size: Tuple[int, int], specs: List[Tuple[int, int, int]]) -> Tuple[int, int]:
     """The (h, w) token grid after all soft splits; a clear error for sizes they cannot tile."""
-    grid = []
-    for side in img_size:
-        tokens = side_after_splits(int(side), specs)
-        if tokens is None:
-            schedule = ", ".join(f"{k}/{s}" for k, s, _ in specs)
-            working = sizes_that_work(int(side), specs)
-            problem = "is too small" if int(side) < working[0] else "would lose pixels"
-            raise T2TViTError(
-                f"image size {img_size[0]}x{img_size[1]} cannot be tiled by the soft splits "
-                f"(kernel/stride {schedule}): a side of {side} px {problem}; "
-                f"sides that work near it: {', '.join(map(str, working))}"
-            )
-        grid.append(tokens)
-    return grid[0], grid[1]
+    height, width = int(img_size[0]), int(img_size[1])
+    rows, cols = side_after_splits(height, specs), side_after_splits(width, specs)
+    if rows is None or cols is None:
+        if torch.jit.is_scripting():
+            raise RuntimeError("the image size cannot be tiled by the soft splits")
+        else:
+            raise _untileable((height, width), height if rows is None else width, specs)
+    return rows, cols
 
 
-def restructurize(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+def restructurize(tokens: Tensor, height: int, width: int) -> Tensor:
     """(B, h·w, C) tokens → (B, C, h, w) image, row-major (paper Eq. 2)."""
-    batch, length, channels = tokens.shape
-    return tokens.transpose(1, 2).reshape(batch, channels, grid[0], grid[1])
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
 
 
 class SoftSplit(nn.Module):
     """Overlapping k×k patches flattened into tokens: (B, C, H, W) → (B, L, C·k·k), channel-major.
 
-    ``strided = True`` (default) gathers the patches from a channels-last view in one copy, so
-    tokens that were just re-structurized are split without a transpose and come out contiguous
-    for the LayerNorm that follows. ``strided = False`` is ``nn.Unfold`` followed by a transpose,
-    as the paper's code has it (the reference formulation). Both give the same tokens.
+    ``soft_split_method`` (see :mod:`t2t_vit.switchboard`): "strided" gathers the patches from a
+    channels-last view in one copy, so tokens that were just re-structurized are split without a
+    transpose and come out contiguous for the LayerNorm that follows; "unfold" is ``nn.Unfold``
+    followed by a transpose, as the paper's code has it. Both give the same tokens.
     """
-
-    strided: bool = True
 
     def __init__(self, kernel: int, stride: int, padding: int) -> None:
         super().__init__()
         self.kernel, self.stride, self.padding = kernel, stride, padding
+        self.soft_split_method = switchboard.default("soft_split")
 
     def forward(self, image: Tensor) -> Tensor:
-        if not self.strided:
-            patches = F.unfold(image, kernel_size=self.kernel, stride=self.stride, padding=self.padding)
-            return patches.transpose(1, 2)
         k, s, p = self.kernel, self.stride, self.padding
-        pixels = F.pad(image.permute(0, 2, 3, 1), (0, 0, p, p, p, p))  # (B, H+2p, W+2p, C)
+        if self.soft_split_method == "unfold":
+            return F.unfold(image, kernel_size=k, stride=s, padding=p).transpose(1, 2)
+        pixels = F.pad(image.permute(0, 2, 3, 1), [0, 0, p, p, p, p])  # (B, H+2p, W+2p, C)
         patches = pixels.unfold(1, k, s).unfold(2, k, s)  # view (B, h, w, C, k, k)
         return patches.reshape(image.shape[0], -1, image.shape[1] * k * k).contiguous()  # no-op unless k = 1
 
@@ -125,80 +131,106 @@ class TokenTransformer(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def _autocast_device(tensor: Tensor) -> str:
-    # "meta" (used for MAC counting) has no autocast state of its own; the CPU's stands in for it.
-    return "cuda" if tensor.is_cuda else "cpu"
-
-
 def autocast_off(tensor: Tensor) -> torch.autocast:
     """A region computed in full precision even inside an autocast block."""
-    return torch.autocast(device_type=_autocast_device(tensor), enabled=False)
+    # "meta" (used for MAC counting) has no autocast state of its own; the CPU's stands in for it.
+    return torch.autocast(device_type="cuda" if tensor.is_cuda else "cpu", enabled=False)
+
+
+def performer_features(x: Tensor, w: Tensor) -> Tensor:
+    """φ(t) = exp(t·wᵀ − ‖t‖²/2)/√m in float32, as one exponent updated in place (no temporaries)."""
+    x = x.float()
+    offset = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / 2 + math.log(w.shape[0]) / 2
+    return (x @ w.float().t()).sub_(offset).exp_()
+
+
+def performer_features_reference(x: Tensor, w: Tensor) -> Tensor:
+    """φ as the paper's code writes it: einsum projection, width-repeated squared norm."""
+    x = x.float()
+    half_sq_norm = (x * x).sum(dim=-1, keepdim=True).repeat(1, 1, w.shape[0]) / 2
+    projected = torch.einsum("bnd,md->bnm", x, w.float())
+    return torch.exp(projected - half_sq_norm) / math.sqrt(w.shape[0])
+
+
+def _performer_fp32(q: Tensor, k: Tensor, v: Tensor, w: Tensor, epsilon: float, formulation: str) -> Tensor:
+    if formulation == "einsum":
+        qp, kp = performer_features_reference(q, w), performer_features_reference(k, w)
+        normaliser = torch.einsum("bnm,bm->bn", qp, kp.sum(dim=1)).unsqueeze(-1)
+        kv = torch.einsum("bnd,bnm->bdm", v.float(), kp)
+        y = torch.einsum("bnm,bdm->bnd", qp, kv)
+        return y / (normaliser.repeat(1, 1, v.shape[-1]) + epsilon)
+    qp, kp = performer_features(q, w), performer_features(k, w)
+    kv = kp.transpose(1, 2) @ v.float()  # (B, m, out_dim): never an N×N matrix
+    normaliser = qp @ kp.sum(dim=1).unsqueeze(-1)  # (B, N, 1)
+    return (qp @ kv) / (normaliser + epsilon)
+
+
+@register_notrace_function
+@torch.fx.wrap
+def performer_attention(q: Tensor, k: Tensor, v: Tensor, w: Tensor, epsilon: float, formulation: str) -> Tensor:
+    """y = φ(q)·(φ(k)ᵀ·v) / (φ(q)·Σφ(k) + ε), (B, N, out_dim), always in float32.
+
+    Under bf16/fp16 the exponentials would overflow, so autocast is switched off for this region.
+    """
+    if torch.jit.is_scripting():
+        return _performer_fp32(q, k, v, w, epsilon, formulation)
+    else:
+        with autocast_off(q):
+            return _performer_fp32(q, k, v, w, epsilon, formulation)
+
+
+class PerformerCore(nn.Module):
+    """The Performer's feature maps, products and normaliser; no parameters (w is the layer's)."""
+
+    def __init__(self, epsilon: float = 1e-8) -> None:
+        super().__init__()
+        self.epsilon = epsilon
+        self.performer_formulation = switchboard.default("performer")
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, w: Tensor) -> Tensor:
+        return performer_attention(q, k, v, w, self.epsilon, self.performer_formulation)
+
+    def extra_repr(self) -> str:
+        return f"formulation={self.performer_formulation}"
 
 
 class TokenPerformer(nn.Module):
     """T2T layer with Performer attention (linear in the token count), as the reference has it.
 
     φ(t) = exp(t·wᵀ − ‖t‖²/2)/√m with a fixed orthogonal w (m × out_dim, scaled by √m), drawn once
-    and kept frozen in the state dict; y = φ(q)·(φ(k)ᵀ·v) / (φ(q)·Σφ(k) + ε); out = v + proj(y).
-    Feature maps and the normaliser run in float32: under bf16/fp16 the exponentials overflow.
-
-    ``fused = True`` (default) computes this as plain matmuls; ``fused = False`` is the reference
-    formulation the benchmark compares against: einsums, with the normaliser repeated over the
-    width before the division, as the paper's code writes it. Both give the same function.
+    and kept in the state dict as a buffer (key ``w``); y = φ(q)·(φ(k)ᵀ·v) / (φ(q)·Σφ(k) + ε);
+    out = v + proj(y). ``core.performer_formulation`` picks plain matmuls ("matmul") or the
+    paper's einsums ("einsum"); both compute the same function in float32.
     """
-
-    epsilon = 1e-8
-    fused: bool = True
 
     def __init__(self, dim: int, out_dim: int, kernel_ratio: float = 0.5, drop: float = 0.1) -> None:
         super().__init__()
         self.out_dim = out_dim
         self.num_features = int(out_dim * kernel_ratio)
-        self.kqv = Linear(dim, 3 * out_dim)
+        self.kqv = nn.Linear(dim, 3 * out_dim)
         self.dp = nn.Dropout(drop)
-        self.proj = Linear(out_dim, out_dim)
+        self.proj = nn.Linear(out_dim, out_dim)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(out_dim)
         self.mlp = nn.Sequential(
-            Linear(out_dim, out_dim), nn.GELU(), Linear(out_dim, out_dim), nn.Dropout(drop)
+            nn.Linear(out_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim), nn.Dropout(drop)
         )
+        self.core = PerformerCore()
         w = nn.init.orthogonal_(torch.empty(self.num_features, out_dim)) * math.sqrt(self.num_features)
-        self.w = nn.Parameter(w, requires_grad=False)
+        self.register_buffer("w", w)
 
-    def feature_map(self, x: Tensor) -> Tensor:
-        x = x.float()
-        # exp(t·wᵀ − ‖t‖²/2) / √m written as one exponent, updated in place: no (B, N, m) temporaries.
-        offset = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / 2 + math.log(self.num_features) / 2
-        return (x @ self.w.float().t()).sub_(offset).exp_()
+    @property
+    def epsilon(self) -> float:
+        return self.core.epsilon
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Linear-time attention in float32, (B, N, out_dim)."""
-        if not self.fused:
-            return self.attend_reference(q, k, v)
-        with autocast_off(q):
-            qp, kp = self.feature_map(q), self.feature_map(k)
-            kv = kp.transpose(1, 2) @ v.float()  # (B, m, out_dim): never an N×N matrix
-            normaliser = qp @ kp.sum(dim=1).unsqueeze(-1)  # (B, N, 1)
-            return (qp @ kv) / (normaliser + self.epsilon)
-
-    def attend_reference(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """The same attention as einsums with a width-repeated normaliser (slower, for comparison)."""
-        with autocast_off(q):
-            qp, kp = self.feature_map_reference(q), self.feature_map_reference(k)
-            normaliser = torch.einsum("bnm,bm->bn", qp, kp.sum(dim=1)).unsqueeze(-1)
-            kv = torch.einsum("bnd,bnm->bdm", v.float(), kp)
-            y = torch.einsum("bnm,bdm->bnd", qp, kv)
-            return y / (normaliser.repeat(1, 1, self.out_dim) + self.epsilon)
-
-    def feature_map_reference(self, x: Tensor) -> Tensor:
-        x = x.float()
-        half_sq_norm = (x * x).sum(dim=-1, keepdim=True).repeat(1, 1, self.num_features) / 2
-        projected = torch.einsum("bnd,md->bnm", x, self.w.float())
-        return torch.exp(projected - half_sq_norm) / math.sqrt(self.num_features)
+        return self.core(q, k, v, self.w)
 
     def forward(self, x: Tensor) -> Tensor:
-        k, q, v = self.kqv(self.norm1(x)).split(self.out_dim, dim=-1)
-        y = self.attend(q, k, v).to(v.dtype)
+        kqv = self.kqv(self.norm1(x))
+        k, q, v = kqv[..., : self.out_dim], kqv[..., self.out_dim : 2 * self.out_dim], kqv[..., 2 * self.out_dim :]
+        y = self.core(q, k, v, self.w).to(v.dtype)
         y = v + self.dp(self.proj(y))
         return y + self.mlp(self.norm2(y))
 
@@ -206,16 +238,37 @@ class TokenPerformer(nn.Module):
 T2T_LAYERS = {"performer": TokenPerformer, "transformer": TokenTransformer}
 
 
-def resolve_stem(stem: str | Sequence[SoftSplitSpec]) -> tuple[SoftSplitSpec, ...]:
+def resolve_stem(stem: str | Sequence[SoftSplitSpec]) -> list[SoftSplitSpec]:
     if isinstance(stem, str):
         if stem not in STEMS:
             raise T2TViTError(f"unknown stem {stem!r}; choose one of {sorted(STEMS)}")
-        return STEMS[stem]
-    return tuple(tuple(int(v) for v in spec) for spec in stem)  # type: ignore[misc]
+        return list(STEMS[stem])
+    return [tuple(int(v) for v in spec) for spec in stem]  # type: ignore[misc]
+
+
+@register_notrace_function
+@torch.fx.wrap
+def cast_for_autocast(image: Tensor) -> Tensor:
+    """The image in the autocast dtype when autocast is on (else as it is).
+
+    The first soft split and its LayerNorm touch the most bytes (e.g. 3136 tokens × 147): splitting
+    in the autocast dtype saves running them in fp32 only to cast for the next Linear.
+    """
+    if torch.jit.is_scripting():
+        return image
+    else:
+        device = "cuda" if image.is_cuda else "cpu"
+        if torch.is_autocast_enabled(device):
+            return image.to(torch.get_autocast_dtype(device))
+        return image
 
 
 class T2TModule(nn.Module):
-    """Soft split → [T2T layer → re-structurize → soft split] × (len(stem) − 1) → projection."""
+    """Soft split → [T2T layer → re-structurize → soft split] × (len(stem) − 1) → projection.
+
+    Children are registered in the order they run (soft_split0, attention1, soft_split1, ...,
+    project), which is how the forward walks them.
+    """
 
     def __init__(
         self,
@@ -239,29 +292,34 @@ class T2TModule(nn.Module):
                 performer = dict(kernel_ratio=kernel_ratio, drop=drop_rate) if layer == "performer" else {}
                 self.add_module(f"attention{index + 1}", T2T_LAYERS[layer](width, token_dim, **performer))
                 width = token_dim
-        self.project = Linear(width, embed_dim)
+        self.project = nn.Linear(width, embed_dim)
 
     def grid(self, img_size: tuple[int, int]) -> tuple[int, int]:
         return token_grid(img_size, self.specs)
 
-    def forward(self, image: Tensor, return_stages: bool = False):
-        """(B, C, H, W) → (B, h·w, embed_dim); with ``return_stages`` also each T2T layer's image."""
-        h, w = image.shape[-2:]
-        device = _autocast_device(image)
-        if torch.is_autocast_enabled(device):
-            # Split in the autocast dtype: the first split and its LayerNorm touch the most bytes
-            # (e.g. 3136 tokens × 147) and would otherwise run in fp32 and be cast for the Linear.
-            image = image.to(torch.get_autocast_dtype(device))
-        tokens = self.soft_split0(image)
-        stages = []
-        for index in range(1, len(self.specs)):
-            kernel, stride, padding = self.specs[index - 1]
-            h, w = split_size(h, kernel, stride, padding), split_size(w, kernel, stride, padding)
-            restructured = restructurize(getattr(self, f"attention{index}")(tokens), (h, w))
-            stages.append(restructured)
-            tokens = getattr(self, f"soft_split{index}")(restructured)
-        tokens = self.project(tokens)
-        return (tokens, stages) if return_stages else tokens
+    def forward(self, image: Tensor) -> Tensor:
+        """(B, C, H, W) → (B, h·w, embed_dim)."""
+        return self.forward_stages(image)[0]
+
+    def forward_stages(self, image: Tensor) -> Tuple[Tensor, List[Tensor]]:
+        """The tokens, and each T2T layer's re-structurized output image (B, token_dim, h, w)."""
+        image = cast_for_autocast(image)
+        tokens = image
+        height, width = image.shape[-2], image.shape[-1]
+        stages: List[Tensor] = []
+        step = 0
+        for name, child in self.named_children():
+            if name.startswith("soft_split"):
+                kernel, stride, padding = self.specs[step]
+                height, width = split_size(height, kernel, stride, padding), split_size(width, kernel, stride, padding)
+                tokens = child(image)
+                step += 1
+            elif name.startswith("attention"):
+                image = restructurize(child(tokens), height, width)
+                stages.append(image)
+            else:
+                tokens = child(tokens)
+        return tokens, stages
 
 
 class PatchTokenizer(nn.Module):
@@ -270,10 +328,11 @@ class PatchTokenizer(nn.Module):
     def __init__(self, in_chans: int = 3, embed_dim: int = 384, patch_size: int = 16) -> None:
         super().__init__()
         self.patch_size = patch_size
+        self.specs = [(patch_size, patch_size, 0)]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def grid(self, img_size: tuple[int, int]) -> tuple[int, int]:
-        return token_grid(img_size, [(self.patch_size, self.patch_size, 0)])
+        return token_grid(img_size, self.specs)
 
     def forward(self, image: Tensor) -> Tensor:
         return self.proj(image).flatten(2).transpose(1, 2)

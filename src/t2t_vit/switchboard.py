@@ -1,0 +1,170 @@
+"""Execution choices of the model: one place, read once, copied into each module when it is built.
+
+Each choice picks between computations of the same function; none changes weights or the
+state-dict layout.
+
+=============  ===========================  ===============================================
+choice         values (default first)       what it selects
+=============  ===========================  ===============================================
+attention      auto, fused, math            softmax attention: ``F.scaled_dot_product_attention``
+                                            ("fused"), explicit q·kᵀ → softmax → ·v ("math",
+                                            the paper's code), or per call by :func:`auto_kernel`
+soft_split     strided, unfold              soft split (paper Eq. 3): one strided gather from a
+                                            channels-last view, or ``nn.Unfold`` + transpose
+performer      matmul, einsum               Performer T2T layer: plain matmuls, or the paper's
+                                            einsums with the normaliser repeated over the width
+=============  ===========================  ===============================================
+
+Defaults come from the environment once (``T2T_VIT_ATTENTION``, ``T2T_VIT_SOFT_SPLIT``,
+``T2T_VIT_PERFORMER``), otherwise the first value above. A module copies its default into a plain
+attribute when it is constructed (scriptable, and private to that instance);
+:func:`configure` changes the choices of one model, :func:`reference_formulation` puts one model
+in the paper's formulation and leaves every other model as it is.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from t2t_vit.errors import T2TViTError
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "attention": ("auto", "fused", "math"),
+    "soft_split": ("strided", "unfold"),
+    "performer": ("matmul", "einsum"),
+}
+# The paper's formulation (its reference code): what the fast paths are tested against.
+REFERENCE: dict[str, str] = {"attention": "math", "soft_split": "unfold", "performer": "einsum"}
+# The module attribute holding each choice; a module that has the attribute follows the choice.
+ATTRIBUTE: dict[str, str] = {
+    "attention": "attention_kernel", "soft_split": "soft_split_method", "performer": "performer_formulation",
+}
+ENVIRONMENT: dict[str, str] = {name: f"T2T_VIT_{name.upper()}" for name in CHOICES}
+
+_defaults: dict[str, str] | None = None
+
+# ---- the measured rule behind attention="auto" ------------------------------------------------
+def auto_kernel(device: str, dtype: torch.dtype, tokens: int, grad: bool) -> str:
+    """The attention kernel "auto" runs: "fused" or "math" for this device, dtype, length, grad mode.
+
+    CUDA always gets the fused kernel (flash / memory-efficient attention). On the CPU the fused
+    kernel wins at long sequences and loses at short ones; the lengths below from which it is used
+    are the crossovers measured by ``benchmarks/attention_kernels.py`` (results in
+    ``benchmarks/results-attention-kernels.json``). Other devices and dtypes get plain matmuls.
+    """
+    if device == "cuda":
+        return "fused"
+    if device != "cpu":
+        return "math"  # e.g. "meta" (counting FLOPs): the formulation every counter understands
+    if dtype == torch.float32:
+        start = 1024 if grad else 1024
+    elif dtype == torch.bfloat16:
+        start = 1024 if grad else 1024
+    else:
+        return "math"
+    return "fused" if tokens >= start else "math"
+
+
+# ---- defaults -------------------------------------------------------------------------------
+def _checked(name: str, value: str, source: str) -> str:
+    if name not in CHOICES:
+        raise T2TViTError(f"unknown execution choice {name!r} ({source}); choose from {', '.join(CHOICES)}")
+    if value not in CHOICES[name]:
+        raise T2TViTError(f"{source}: {name}={value!r} is not one of {', '.join(CHOICES[name])}")
+    return value
+
+
+def defaults() -> dict[str, str]:
+    """The process-wide defaults, read from the environment on first use and kept."""
+    global _defaults
+    if _defaults is None:
+        found = {}
+        for name, options in CHOICES.items():
+            value = os.environ.get(ENVIRONMENT[name], "").strip().lower() or options[0]
+            found[name] = _checked(name, value, f"environment variable {ENVIRONMENT[name]}")
+        _defaults = found
+    return dict(_defaults)
+
+
+def default(name: str) -> str:
+    """The default of one choice; modules call this once, in their constructor."""
+    return defaults()[name]
+
+
+# ---- per model ------------------------------------------------------------------------------
+def configure(model: nn.Module, **choices: str) -> nn.Module:
+    """Set execution choices on every module of ``model`` (only this instance); returns ``model``.
+
+    Example: ``configure(model, attention="fused", soft_split="unfold")``.
+    """
+    for name, value in choices.items():
+        _checked(name, value, "configure()")
+    for module in model.modules():
+        for name, value in choices.items():
+            if hasattr(module, ATTRIBUTE[name]):
+                setattr(module, ATTRIBUTE[name], value)
+    return model
+
+
+def reference_formulation(model: nn.Module, enable: bool = True) -> nn.Module:
+    """The paper's formulation for this model only (``enable=False``: back to the defaults).
+
+    Math attention, ``nn.Unfold`` soft split, einsum Performer with the width-repeated normaliser.
+    Weights, precision and the state-dict layout are untouched.
+    """
+    return configure(model, **(REFERENCE if enable else defaults()))
+
+
+def choices_of(model: nn.Module) -> dict[str, list[str]]:
+    """The distinct values each choice has in ``model`` (empty where no module follows it)."""
+    found: dict[str, list[str]] = {name: [] for name in CHOICES}
+    for module in model.modules():
+        for name, attribute in ATTRIBUTE.items():
+            value = getattr(module, attribute, None)
+            if value is not None and value not in found[name]:
+                found[name].append(value)
+    return found
+
+
+def attention_kernels(
+    model: nn.Module, input_size: tuple[int, int, int] | None = None, dtype: torch.dtype = torch.float32,
+    grad: bool = False, device: str = "cpu",
+) -> dict[str, str]:
+    """Which kernel each softmax attention runs for one case: {module name: "fused" | "math"}.
+
+    The model is run once on a meta-device copy (nothing computed) to learn each attention's
+    sequence length at ``input_size`` (default: the model's own); ``auto`` is resolved with
+    :func:`auto_kernel` for ``device``, ``dtype`` and ``grad``.
+    """
+    lengths: dict[str, int] = {}
+    meta_model = copy.deepcopy(model).to("meta").eval()
+    handles = []
+    for name, module in meta_model.named_modules():
+        if hasattr(module, ATTRIBUTE["attention"]):
+            hook = (lambda n: lambda mod, args: lengths.__setitem__(n, int(args[0].shape[-2])))(name)
+            handles.append(module.register_forward_pre_hook(hook))
+    size = input_size or (3, *getattr(model, "img_size", (224, 224)))
+    try:
+        with torch.no_grad():
+            meta_model(torch.empty(1, *size, device="meta"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    kernels = {}
+    for name, module in meta_model.named_modules():
+        kernel = getattr(module, ATTRIBUTE["attention"], None)
+        if kernel is not None and name in lengths:
+            kernels[name] = auto_kernel(device, dtype, lengths[name], grad) if kernel == "auto" else kernel
+    return kernels
+
+
+def summarize_kernels(kernels: dict[str, Any]) -> str:
+    """"fused×14, math×2" style one-liner for tables."""
+    counts: dict[str, int] = {}
+    for kernel in kernels.values():
+        counts[kernel] = counts.get(kernel, 0) + 1
+    return ", ".join(f"{k}×{n}" for k, n in sorted(counts.items())) or "none"
