@@ -59,6 +59,7 @@ def test_every_comparison_case_runs_one_step_with_a_kernel_and_onnx_agrees():
         assert (row["speedup"] is None) == (row["model"] in OTHERS)
     kernels = {(r["model"], r["mode"]): r["kernel"] for r in rows}
     assert "math" in kernels["t2t_vit_7", "reference"] and "fused" not in kernels["t2t_vit_7", "reference"]
+    assert "performer-einsum" in kernels["t2t_vit_7", "reference"] and "performer-matmul" in kernels["t2t_vit_7", "fp32"]
     assert kernels["resnet50", "fp32"] == "none (convolutions)" and kernels["deit_small_patch16_224", "fp32"].endswith("x12")
     assert any("ready in" in line for line in logged) and any("round 1/1" in line for line in logged)
     onnx = next(r for r in rows if r["mode"] == "onnx")
