@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from t2t_vit.bench import (
-    OTHERS, bench_model, build_case, format_table, forward_flops, make_step, profile_bound, run, run_suite,
+    OTHERS, bench_model, build_case, check_targets, comparison_table, format_table, forward_flops, make_step, profile_bound, run, run_suite,
     time_alternating, training_memory,
 )
 from t2t_vit.bench import cases as bench_cases
@@ -120,7 +120,18 @@ def test_suite_json_and_table_have_floors_kernels_and_bounds(tmp_path, monkeypat
         assert row["of_floor"] == pytest.approx(row["seconds"] / row["floor_s"])
     table = format_table(result)
     assert table.count("\n| ") == 4 and "bounded by" in table and "none (convolutions)" in table
+    assert "resnet50 fp32" in comparison_table(result) and "infer 8" in comparison_table(result)
+    assert result["targets"][-1]["target"].startswith("every case") and result["targets"][-1]["met"]
     json.dumps(result)  # everything in it is plain data
+
+
+def test_targets_are_read_from_rows_and_memory():
+    rows = [dict(model="t2t_vit_t_14", task="infer", batch=8, mode=mode, seconds=s)
+            for mode, s in (("reference", 3.0), ("fp32", 1.5))]
+    memory = [dict(model="t2t_vit_t_14", mode="bf16", ratio=0.6)]
+    found = {t["target"].split(" vs")[0]: t for t in check_targets(dict(rows=rows, memory=memory))}
+    assert found["T2T-ViTt-14 fp32 inference"]["measured"] == 2.0 and found["T2T-ViTt-14 fp32 inference"]["met"]
+    assert not found["T2T-ViTt-14 bf16 training-step memory"]["met"]
 
 
 def test_out_of_memory_case_is_reported_and_the_others_go_on(monkeypatch):

@@ -24,11 +24,12 @@ from t2t_vit.bench.cases import (
     reference_formulation,
 )
 from t2t_vit.bench.measure import forward_flops, matmul_rate, profile_bound, time_alternating, training_memory
-from t2t_vit.bench.suite import bench_model, format_table, run_suite
+from t2t_vit.bench.suite import bench_model, check_targets, comparison_table, format_table, run_suite
 from t2t_vit.errors import T2TViTError
 
 __all__ = [
-    "MODELS", "MODES", "OTHERS", "bench_model", "build_case", "build_other", "format_table", "forward_flops",
+    "MODELS", "MODES", "OTHERS", "bench_model", "build_case", "build_other", "check_targets", "comparison_table",
+    "format_table", "forward_flops",
     "kernel_summary", "make_step", "matmul_rate", "profile_bound", "reference_formulation", "run_suite",
     "time_alternating", "training_memory",
 ]
@@ -99,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
         raise T2TViTError(f"{'--gpu' if args.gpu else '--device cuda'} was given but no CUDA device is available")
     result = run_suite(device=device, log=lambda s: print(s, flush=True), **_preset(args))
     print(format_table(result))
+    print()
+    print(comparison_table(result))
+    for target in result["targets"]:
+        print(f"{'met' if target['met'] else 'MISSED'}: {target['target']}: {target['measured']:.2f}")
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as out:

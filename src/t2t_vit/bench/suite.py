@@ -167,8 +167,10 @@ def run_suite(
     agreement = digits_agreement(AGREEMENT_MODEL, agreement_steps) if agreement_steps else None
     if agreement:
         log(f"bf16 vs fp32 top-1 agreement: {agreement}")
-    return dict(meta=dict(started=started, **_meta(device)), matmul_gflops=rates, rows=rows, memory=memory,
-                agreement=agreement)
+    result = dict(meta=dict(started=started, **_meta(device)), matmul_gflops=rates, rows=rows, memory=memory,
+                  agreement=agreement)
+    result["targets"] = check_targets(result)
+    return result
 
 
 def _meta(device: torch.device) -> dict:
@@ -210,3 +212,46 @@ def format_table(result: dict) -> str:
                   f"(accuracy fp32 {100 * agreement['accuracy_fp32']:.1f}%, bf16 {100 * agreement['accuracy_bf16']:.1f}%; "
                   f"max |Δlogit| {agreement['max_logit_diff']:.3f}, median top-2 margin {agreement['median_margin']:.2f})"]
     return "\n".join(lines)
+
+
+def comparison_table(result: dict) -> str:
+    """Images/s of every case side by side, one line per (task, batch): the headline comparison."""
+    cases = list(dict.fromkeys((r["model"], r["mode"]) for r in result["rows"] if "images_per_s" in r))
+    groups = list(dict.fromkeys((r["task"], r["batch"]) for r in result["rows"]))
+    speed = {(r["task"], r["batch"], r["model"], r["mode"]): r["images_per_s"] for r in result["rows"] if "images_per_s" in r}
+    lines = ["| images/s | " + " | ".join(f"{m} {mode}" for m, mode in cases) + " |", "|---|" + "---|" * len(cases)]
+    for task, batch in groups:
+        cells = [f"{speed[task, batch, m, mode]:.1f}" if (task, batch, m, mode) in speed else "—" for m, mode in cases]
+        lines.append(f"| {task} {batch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# (what, model, task, batch, mode, against, at least); "against" is a mode of the same model.
+SPEED_TARGETS = (
+    ("T2T-ViT-14 bf16 inference vs the reference fp32", "t2t_vit_14", "infer", 8, "bf16", "reference", 4.0),
+    ("T2T-ViT-14 bf16 inference vs the reference under the same autocast", "t2t_vit_14", "infer", 8, "bf16",
+     "reference-bf16", 1.25),
+    ("T2T-ViTt-14 fp32 inference vs the reference fp32", "t2t_vit_t_14", "infer", 8, "fp32", "reference", 1.5),
+    ("T2T-ViTt-14 bf16 training step vs the reference fp32 step", "t2t_vit_t_14", "train", 8, "bf16", "reference", 2.0),
+)
+
+
+def check_targets(result: dict) -> list[dict]:
+    """The CPU targets (batch 8) found in ``result``: measured ratio and whether it is met."""
+    seconds = {(r["model"], r["task"], r["batch"], r["mode"]): r["seconds"] for r in result["rows"] if "seconds" in r}
+    found = []
+    for what, model, task, batch, mode, against, least in SPEED_TARGETS:
+        if (model, task, batch, mode) in seconds and (model, task, batch, against) in seconds:
+            ratio = seconds[model, task, batch, against] / seconds[model, task, batch, mode]
+            found.append(dict(target=f"{what} ≥ {least}×", measured=ratio, met=ratio >= least))
+    memory = {(m["model"], m["mode"]): m["ratio"] for m in result.get("memory", [])}
+    if ("t2t_vit_t_14", "bf16") in memory:
+        ratio = memory["t2t_vit_t_14", "bf16"]
+        found.append(dict(target="T2T-ViTt-14 bf16 training-step memory vs the reference fp32 ≤ 0.5×", measured=ratio,
+                          met=ratio <= 0.5))
+    rows = [r for r in result["rows"] if "of_floor" in r]
+    if rows:
+        unexplained = [r for r in rows if r["of_floor"] > 2 and "bound" not in r.get("profile", {})]
+        found.append(dict(target="every case within 2× its compute floor, or what bounds it measured",
+                          measured=sum(r["of_floor"] <= 2 for r in rows) / len(rows), met=not unexplained))
+    return found
