@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         + "; quick: " + " ".join(f"{t}:{b}" for t, b in QUICK_TASKS)
                         + "; gpu: " + " ".join(f"{t}:{b}" for t, b in GPU_TASKS) + ")")
     parser.add_argument("--img-size", type=int, default=224, help="input size of every model (default 224)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the training-memory subprocesses (CPU)")
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown of each case")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default cpu; --gpu: cuda)")
@@ -85,7 +86,7 @@ def _preset(args: argparse.Namespace) -> dict:
     if compile_models is None:
         compile_models = (args.models or preset["models"]) if args.gpu else COMPILE_MODELS
     return dict(models=args.models or preset["models"], modes=modes, tasks=list(args.tasks or preset["tasks"]),
-                repeats=args.repeats or preset["repeats"], memory_batch=8 if preset["memory"] else None,
+                repeats=args.repeats or preset["repeats"], memory_batch=8 if preset["memory"] and not args.no_memory else None,
                 compile_models=compile_models, compile_batches=None if args.gpu else (COMPILE_BATCH,),
                 agreement_steps=preset["agreement"] if args.agreement_steps is None else args.agreement_steps,
                 others=preset["others"] if args.others is None else args.others,

@@ -145,6 +145,7 @@ def run_suite(
     """The whole benchmark as one dict: matmul rates, timing rows (``others`` timed beside the first
     model), training-memory rows (CPU), floors and, optionally, bf16 agreement."""
     modes, started = list(modes), time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    load_at_start = (os.getloadavg() if hasattr(os, "getloadavg") else None, other_python_processes())
     rates = {RATE_KEYS[p]: matmul_rate(dtype, device) for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     log(f"matmul rate: fp32 {rates['float32']:.0f} GFLOP/s, bf16 {rates['bfloat16']:.0f} GFLOP/s")
     rows, memory = [], []
@@ -167,15 +168,32 @@ def run_suite(
     agreement = digits_agreement(AGREEMENT_MODEL, agreement_steps) if agreement_steps else None
     if agreement:
         log(f"bf16 vs fp32 top-1 agreement: {agreement}")
-    result = dict(meta=dict(started=started, **_meta(device)), matmul_gflops=rates, rows=rows, memory=memory,
+    result = dict(meta=dict(started=started, loadavg_at_start=load_at_start[0],
+                            other_python_processes_at_start=load_at_start[1], **_meta(device)), matmul_gflops=rates, rows=rows, memory=memory,
                   agreement=agreement)
     result["targets"] = check_targets(result)
     return result
 
 
+def other_python_processes() -> int | None:
+    """Python processes running on this machine besides this one (None where /proc is missing):
+    the other jobs that share its CPU."""
+    if not os.path.isdir("/proc"):
+        return None
+    count = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                first = cmdline.read().split(b"\0")[0]
+        except OSError:
+            continue  # ended while we looked
+        count += int(pid) != os.getpid() and b"python" in os.path.basename(first)
+    return count
+
+
 def _meta(device: torch.device) -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return dict(finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), command=" ".join(sys.argv),
+    return dict(other_python_processes=other_python_processes(), finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), command=" ".join(sys.argv),
                 torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(), device=str(device),
                 processor=platform.processor() or platform.machine(), loadavg=load, malloc_tuned=malloc_tuned(),
                 gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
