@@ -1,9 +1,9 @@
 """Every fast path computes the same function as the reference formulation, within its precision.
 
-Fast paths: fused SDPA attention, the matmul-form Performer, the strided soft split and the
-inference cache of autocast weight copies (defaults, exact), bf16 autocast and torch.compile
-(opt-in, they change numerics). The reference formulation is
-``t2t_vit.bench.reference_formulation(model)``; the tests also check both against formulas
+Fast paths: fused SDPA attention (and the measured "auto" choice), the matmul-form Performer and
+the strided soft split (defaults, exact); bf16 autocast, ``for_inference`` bf16 models and
+torch.compile (opt-in, they change numerics). The reference formulation is
+``t2t_vit.switchboard.reference_formulation(model)``; the tests also check both against formulas
 written out here in float64.
 """
 from __future__ import annotations
@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 import t2t_vit
 from t2t_vit.agreement import bf16_agreement, digits_data, train_briefly
 from t2t_vit.bench import (
-    bench_model, build_case, format_table, forward_flops, make_step, reference_formulation, time_alternating,
-    training_memory,
+    bench_model, build_case, format_table, forward_flops, make_step, time_alternating, training_memory,
 )
-from t2t_vit.layers import Attention, Linear
-from t2t_vit.t2t import SoftSplit, TokenPerformer
+from t2t_vit.layers import Attention, AttentionCore
+from t2t_vit.switchboard import choices_of, configure, reference_formulation
+from t2t_vit.t2t import PerformerCore, SoftSplit, TokenPerformer, performer_attention, performer_features
 
 torch.set_num_threads(1)  # the machine is shared; tiny sizes are fast on one thread
 
@@ -61,17 +61,51 @@ def performer_attend64(module: TokenPerformer, q, k, v) -> torch.Tensor:
 # ---- exact fast paths (defaults) -----------------------------------------------------------
 def test_fast_paths_are_the_defaults_and_precision_stays_fp32():
     model = tiny()
-    assert all(m.fused_attn for m in model.modules() if isinstance(m, Attention))
-    assert all(m.fused for m in model.modules() if isinstance(m, TokenPerformer))
-    assert all(m.strided for m in model.modules() if isinstance(m, SoftSplit))
+    assert choices_of(model) == {"attention": ["auto"], "soft_split": ["strided"], "performer": ["matmul"]}
     assert type(model) is t2t_vit.T2TViT  # not compiled unless asked
     assert model(torch.randn(2, 3, 16, 16)).dtype == torch.float32  # no autocast unless asked
     reference_formulation(model)
-    assert not any(m.fused_attn for m in model.modules() if isinstance(m, Attention))
-    assert not any(m.fused for m in model.modules() if isinstance(m, TokenPerformer))
-    assert not any(m.strided for m in model.modules() if isinstance(m, SoftSplit))
+    assert choices_of(model) == {"attention": ["math"], "soft_split": ["unfold"], "performer": ["einsum"]}
     reference_formulation(model, enable=False)
-    assert all(m.fused for m in model.modules() if isinstance(m, TokenPerformer))
+    assert choices_of(model)["performer"] == ["matmul"]
+
+
+def test_reference_formulation_of_one_model_leaves_other_live_models_alone():
+    first, second = tiny(), tiny()
+    configure(second, attention="fused")
+    before = choices_of(second)
+    reference_formulation(first)
+    assert choices_of(second) == before == {"attention": ["fused"], "soft_split": ["strided"], "performer": ["matmul"]}
+    assert choices_of(tiny()) == {"attention": ["auto"], "soft_split": ["strided"], "performer": ["matmul"]}
+    x = torch.randn(2, 3, 16, 16)
+    second.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(second(x), configure(tiny().eval(), attention="fused")(x))
+
+
+def test_configure_refuses_unknown_choices_and_values():
+    with pytest.raises(t2t_vit.T2TViTError, match="unknown execution choice"):
+        configure(tiny(), kernel="fused")
+    with pytest.raises(t2t_vit.T2TViTError, match="attention='flash' is not one of auto, fused, math"):
+        configure(tiny(), attention="flash")
+
+
+_ENV_DEFAULTS = """
+import t2t_vit
+from t2t_vit.switchboard import choices_of
+model = t2t_vit.create_model("t2t_vit_7", img_size=16, stem="small", depth=1)
+print(sorted((k, v) for k, vs in choices_of(model).items() for v in vs))
+"""
+
+
+def test_environment_sets_the_defaults_once_per_process():
+    env = {**os.environ, "T2T_VIT_ATTENTION": "math", "T2T_VIT_SOFT_SPLIT": "unfold", "T2T_VIT_PERFORMER": "einsum"}
+    done = subprocess.run([sys.executable, "-c", _ENV_DEFAULTS], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[('attention', 'math'), ('performer', 'einsum'), ('soft_split', 'unfold')]"
+    env["T2T_VIT_ATTENTION"] = "flash"
+    done = subprocess.run([sys.executable, "-c", _ENV_DEFAULTS], capture_output=True, text=True, env=env)
+    assert done.returncode != 0 and "T2T_VIT_ATTENTION: attention='flash' is not one of" in done.stderr
 
 
 @pytest.mark.parametrize("heads, tokens", [(1, 50), (6, 197)])
@@ -80,13 +114,14 @@ def test_fused_attention_matches_plain_and_float64(heads, tokens):
     module = Attention(48, num_heads=heads).eval()
     x = torch.randn(3, tokens, 48)
     expected = attention64(module, x)
+    outputs = {}
     with torch.no_grad():
-        fused = module(x)
-        module.fused_attn = False
-        plain = module(x)
-    torch.testing.assert_close(fused.double(), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(plain.double(), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+        for kernel in ("fused", "math", "auto"):
+            module.core.attention_kernel = kernel
+            outputs[kernel] = module(x)
+    for out in outputs.values():
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs["fused"], outputs["math"], rtol=1e-5, atol=1e-6)
 
 
 def test_matmul_performer_matches_einsum_and_quadratic_form():
@@ -95,7 +130,7 @@ def test_matmul_performer_matches_einsum_and_quadratic_form():
     q, k, v = (torch.randn(2, 40, 16) * 0.5 for _ in range(3))
     expected = performer_attend64(module, q, k, v)
     fast = module.attend(q, k, v)
-    module.fused = False
+    module.core.performer_formulation = "einsum"
     reference = module.attend(q, k, v)
     torch.testing.assert_close(fast.double(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(reference.double(), expected, rtol=1e-5, atol=1e-6)
@@ -122,113 +157,24 @@ def test_strided_soft_split_equals_unfold(kernel, stride, padding, channels, hei
     grad_expected, = torch.autograd.grad(expected.square().sum(), image)
     assert torch.equal(fast, expected)  # a pure gather: bit-identical
     torch.testing.assert_close(grad_fast, grad_expected)
-    split.strided = False
+    split.soft_split_method = "unfold"
     assert torch.equal(split(image), expected)
-
-
-def test_linear_reuses_its_autocast_copy_and_notices_weight_changes():
-    torch.manual_seed(0)
-    layer, plain = Linear(16, 8), torch.nn.Linear(16, 8)
-    plain.load_state_dict(layer.state_dict())
-    x = torch.randn(4, 16)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        first = layer(x)
-        copy_made = layer._cast[1]
-        assert torch.equal(first, plain(x)) and first.dtype == torch.bfloat16  # exactly autocast's function
-        layer(x)
-        assert layer._cast[1] is copy_made  # reused, not cast again
-    with torch.no_grad():
-        layer.weight.mul_(2)  # an in-place update (optimizer step, EMA, load_state_dict) ...
-        plain.weight.mul_(2)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(layer(x), plain(x))  # ... is seen
-        assert layer._cast[1] is not copy_made
-    layer.load_state_dict(torch.nn.Linear(16, 8).state_dict())
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
-    layer.to(torch.float64)  # a move or cast drops the copy instead of keeping it alive
-    assert layer._cast is None
-
-
-def test_linear_cache_sees_replaced_and_parametrized_weights():
-    torch.manual_seed(0)
-    layer = Linear(16, 8)
-    x = torch.randn(4, 16)
-
-    def run() -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            return layer(x)
-
-    def expected() -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            return F.linear(x, layer.weight, layer.bias)
-
-    run()
-    for _ in range(3):  # new Parameter objects: new storage, fresh version counters
-        del layer.weight
-        layer.weight = torch.nn.Parameter(torch.randn(8, 16))
-        assert torch.equal(run(), expected())
-    torch.nn.utils.parametrizations.weight_norm(layer)  # weight recomputed on every access: never cached
-    with torch.no_grad():
-        layer.parametrizations.weight.original1.mul_(3)
-    assert torch.equal(run(), expected())
-
-
-def test_ema_model_evaluated_in_bf16_sees_every_ema_update():
-    # The trainer evaluates timm's EMA copy under no_grad + autocast after each update.
-    from timm.utils import ModelEmaV3
-
-    model = tiny()
-    ema = ModelEmaV3(model, decay=0.5)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    x = torch.randn(4, 3, 16, 16)
-
-    def ema_logits(cached: bool) -> torch.Tensor:
-        for module in ema.module.modules():
-            if isinstance(module, Linear):
-                module.cache_cast = cached
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            return ema.module(x)
-
-    for _ in range(2):
-        before = ema_logits(cached=True)
-        model(x).square().mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        ema.update(model)
-        after = ema_logits(cached=True)
-        assert not torch.equal(before, after)
-        assert torch.equal(after, ema_logits(cached=False))  # exactly what autocast alone computes
-
-
-def test_linear_cache_stays_out_of_training_and_can_be_switched_off():
-    layer = Linear(16, 8)
-    x = torch.randn(4, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        layer(x).float().sum().backward()  # gradients on: plain autocast, gradients reach the weights
-    assert layer._cast is None and layer.weight.grad is not None
-    layer.cache_cast = False
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        layer(x)
-    assert layer._cast is None
-    with torch.inference_mode():
-        built_here = Linear(16, 8)  # weights without a version counter: no cache, still works
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert built_here(x).dtype == torch.bfloat16 and built_here._cast is None
 
 
 def test_performer_feature_map_gradient_is_finite_at_zero_tokens():
     # At init, zero-padded corner patches give exactly-zero q/k (zero biases): ‖t‖ has no gradient there.
     module = TokenPerformer(27, 16)
     x = torch.zeros(1, 4, 16, requires_grad=True)
-    module.feature_map(x).sum().backward()
+    performer_features(x, module.w).sum().backward()
     assert torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("attention", ["fused", "auto"])
 @pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
-def test_model_fast_path_matches_reference_forward_and_backward(name):
+def test_model_fast_path_matches_reference_forward_and_backward(name, attention):
     fast, ref = tiny(name), tiny(name)
     ref.load_state_dict(fast.state_dict())
+    configure(fast, attention=attention)
     reference_formulation(ref)
     fast.eval(), ref.eval()  # no dropout, so both see the same function
     x = torch.randn(2, 3, 16, 16)
@@ -237,8 +183,8 @@ def test_model_fast_path_matches_reference_forward_and_backward(name):
     out_fast.square().sum().backward()
     out_ref.square().sum().backward()
     for (key, p_fast), p_ref in zip(fast.named_parameters(), ref.parameters()):
-        if p_fast.grad is not None:
-            torch.testing.assert_close(p_fast.grad, p_ref.grad, rtol=1e-3, atol=1e-6, msg=key)
+        assert p_fast.grad is not None, key
+        torch.testing.assert_close(p_fast.grad, p_ref.grad, rtol=1e-3, atol=1e-6, msg=key)
 
 
 # ---- bf16 autocast (opt-in) ----------------------------------------------------------------
@@ -247,12 +193,15 @@ def test_performer_feature_map_stays_fp32_and_finite_under_bf16():
     module = TokenPerformer(27, 16).eval()
     x = torch.randn(2, 40, 27) * 30  # large activations: exp would overflow in bf16 statistics
     seen = []
-    original = module.feature_map
-    module.feature_map = lambda t: seen.append(original(t)) or seen[-1]
+    module.core.register_forward_hook(lambda mod, args, out: seen.append((args[0].dtype, out.dtype)))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = module(x)
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
-    assert seen and all(phi.dtype == torch.float32 for phi in seen)
+    assert seen == [(torch.bfloat16, torch.float32)]  # bf16 q/k/v in, feature maps and output in fp32
+    q = (x[..., :16] * 10).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = performer_attention(q, q, q, module.w, 1e-8, "matmul")
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
     torch.testing.assert_close(y.float(), module(x), rtol=0.05, atol=0.05)
 
 
