@@ -80,9 +80,11 @@ def bench_model(
             warmed, failed = _warm_group(cases, task, bases, images, labels, img_size, folder, log)
             rows += failed
             times = time_alternating({k: c["step"] for k, c in warmed.items()}, repeats, device, warm_up=False, log=log)
-            rows += _rows(name, task, batch, warmed, times, flops)
+            group = _rows(name, task, batch, warmed, times, flops)
             if rates:
-                _profile_rows(rows[-len(warmed):], warmed, rates, log)
+                _profile_rows(group, warmed, rates, log)
+            rows += group
+            log(format_table(dict(rows=group, memory=[])))  # the group's results now, in case the run is cut short
             del warmed
             _release(device)
     return rows
@@ -129,6 +131,7 @@ def _memory_rows(name: str, modes: Iterable[str], batch: int, img_size: int, log
     for mode in modes:
         log(f"  training memory {name} {mode} (fresh process)")
         memory.append(dict(model=name, mode=mode, batch=batch, **training_memory(name, mode, batch, img_size)))
+        log(f"  step MB {memory[-1]['step_mb']:.0f}, peak RSS MB {memory[-1]['peak_mb']:.0f}")
     ref = next((m["step_mb"] for m in memory if m["mode"] == "reference"), float("nan"))
     for m in memory:
         m["ratio"] = m["step_mb"] / ref
