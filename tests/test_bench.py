@@ -2,6 +2,7 @@
 fields, the kernel column is filled, the ONNX case agrees with eager. Nothing here asserts a time."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -17,6 +18,7 @@ from t2t_vit.bench import suite as bench_suite
 torch.set_num_threads(1)  # the machine is shared; tiny sizes are fast on one thread
 
 CPU = torch.device("cpu")
+HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))  # the "export" extra
 ROW_FIELDS = {"model", "task", "batch", "mode", "kernel", "precision", "seconds", "times", "images_per_s", "speedup",
               "speedup_autocast", "flops", "gflops", "peak_mb"}
 
@@ -47,12 +49,14 @@ def test_time_alternating_reports_progress_every_round():
 
 def test_every_comparison_case_runs_one_step_with_a_kernel_and_onnx_agrees():
     logged = []
-    rows = bench_model("t2t_vit_7", ["reference", "reference-bf16", "fp32", "bf16", "onnx"], [("infer", 2), ("train", 2)],
+    modes = ["reference", "reference-bf16", "fp32", "bf16"] + ["onnx"] * HAS_ONNX
+    rows = bench_model("t2t_vit_7", modes, [("infer", 2), ("train", 2)],
                        repeats=1, device=CPU, img_size=32, others=OTHERS, log=logged.append)
     cases = {(r["task"], r["model"], r["mode"]) for r in rows}
     ours = {(t, "t2t_vit_7", m) for t in ("infer", "train") for m in ("reference", "reference-bf16", "fp32", "bf16")}
     theirs = {(t, o, m) for t in ("infer", "train") for o in OTHERS for m in ("fp32", "bf16-autocast")}
-    assert cases == ours | theirs | {("infer", "t2t_vit_7", "onnx")}  # ONNX Runtime runs inference only
+    onnx = {("infer", "t2t_vit_7", "onnx")} if HAS_ONNX else set()  # ONNX Runtime runs inference only
+    assert cases == ours | theirs | onnx
     for row in rows:
         assert ROW_FIELDS <= set(row) and row["kernel"]
         assert row["images_per_s"] == pytest.approx(2 / row["seconds"]) and row["flops"] > 0
@@ -62,8 +66,8 @@ def test_every_comparison_case_runs_one_step_with_a_kernel_and_onnx_agrees():
     assert "performer-einsum" in kernels["t2t_vit_7", "reference"] and "performer-matmul" in kernels["t2t_vit_7", "fp32"]
     assert kernels["resnet50", "fp32"] == "none (convolutions)" and kernels["deit_small_patch16_224", "fp32"].endswith("x12")
     assert any("ready in" in line for line in logged) and any("round 1/1" in line for line in logged)
-    onnx = next(r for r in rows if r["mode"] == "onnx")
-    assert onnx["onnx_max_diff"] < 1e-4  # ONNX Runtime computes what eager fp32 does
+    for row in (r for r in rows if r["mode"] == "onnx"):
+        assert row["onnx_max_diff"] < 1e-4  # ONNX Runtime computes what eager fp32 does
 
 
 def test_bf16_inference_case_runs_bf16_matmuls():
@@ -194,3 +198,13 @@ def test_training_memory_runs_in_a_fresh_process():
     # Weights (4.3M fp32 = 17 MB) + gradients + momentum are at least ~50 MB above the baseline.
     assert figures["peak_mb"] >= figures["baseline_mb"] + 40
     assert figures["step_mb"] == pytest.approx(figures["peak_mb"] - figures["baseline_mb"])
+
+
+def test_onnx_case_without_onnxruntime_is_one_line_naming_the_extra(monkeypatch):
+    import sys
+
+    from t2t_vit.errors import MissingDependency
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    with pytest.raises(MissingDependency, match=r"pip install 't2t-vit\[export\]'"):
+        bench_cases._onnx_step(torch.nn.Identity(), torch.zeros(1), "unused")
