@@ -25,7 +25,7 @@ from t2t_vit.bench import (
     bench_model, build_case, format_table, forward_flops, make_step, time_alternating, training_memory,
 )
 from t2t_vit.layers import Attention, AttentionCore
-from t2t_vit.switchboard import choices_of, configure, reference_formulation
+from t2t_vit.switchboard import choices_of, configure, for_inference, reference_formulation
 from t2t_vit.t2t import PerformerCore, SoftSplit, TokenPerformer, performer_attention, performer_features
 
 torch.set_num_threads(1)  # the machine is shared; tiny sizes are fast on one thread
@@ -221,6 +221,66 @@ def test_bf16_full_size_features_track_fp32(name):
     assert (fp32 - bf16.float()).norm() / fp32.norm() < 0.03  # bf16 keeps ~3 digits; measured 0.011
 
 
+# ---- for_inference: an explicit bf16 model (opt-in) --------------------------------------------
+def test_for_inference_casts_weights_once_and_keeps_performer_projection_fp32():
+    model = for_inference(tiny())
+    assert not model.training
+    dtypes = {name: t.dtype for name, t in model.state_dict().items()}
+    assert {n for n, d in dtypes.items() if d == torch.float32} == {
+        "tokens_to_token.attention1.w", "tokens_to_token.attention2.w"}
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if not n.endswith(".w"))
+    fp32 = tiny().eval()
+    torch.testing.assert_close(model.tokens_to_token.attention1.w, fp32.tokens_to_token.attention1.w, rtol=0, atol=0)
+
+    weights = [t for t in model.state_dict(keep_vars=True).values()]
+    casts = []
+
+    class WeightCasts(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = getattr(func, "__name__", "")
+            if name in ("to", "float", "half", "bfloat16", "type") and any(args[0] is w for w in weights):
+                if out is not args[0]:  # a real copy, not a no-op cast to the dtype it already has
+                    casts.append(name)
+            return out
+
+    x = torch.randn(2, 3, 16, 16)  # float32 images are fine: the model casts its input
+    with torch.inference_mode(), WeightCasts():
+        out = model(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert casts == []  # no per-call weight casting
+
+
+@pytest.mark.parametrize("name", ["t2t_vit_14", "t2t_vit_t_14"])
+def test_for_inference_full_size_features_track_fp32(name):
+    torch.manual_seed(0)
+    model = t2t_vit.create_model(name).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        fp32 = model.forward_features(x)
+        bf16 = for_inference(model).forward_features(x)
+    assert bf16.dtype == torch.bfloat16 and torch.isfinite(bf16).all()
+    cosine = F.cosine_similarity(fp32, bf16.float(), dim=-1)  # per token
+    assert cosine.min() > 0.999
+    assert (fp32 - bf16.float()).norm() / fp32.norm() < 0.03
+
+
+@pytest.mark.e2e
+def test_for_inference_bf16_agrees_with_fp32_on_held_out_digits():
+    import copy
+
+    model = tiny(embed_dim=64, token_dim=16)
+    train_x, train_y, test_x, test_y = digits_data(16)
+    train_briefly(model, train_x, train_y, steps=150)
+    model.eval()
+    with torch.inference_mode():
+        fp32 = model(test_x)
+        bf16 = for_inference(copy.deepcopy(model))(test_x).float()
+    accuracy = (fp32.argmax(-1) == test_y).float().mean().item()
+    assert accuracy > 0.7
+    assert (fp32.argmax(-1) == bf16.argmax(-1)).float().mean().item() >= 0.99
+
+
 @pytest.mark.e2e
 def test_bf16_agrees_with_fp32_on_held_out_digits():
     # A briefly trained model: its held-out logits have real margins, so agreement is meaningful
@@ -371,3 +431,37 @@ def test_bench_reports_a_case_that_runs_out_of_memory_and_goes_on(monkeypatch):
                        img_size=32, log=logged.append)
     assert [(r["mode"], r.get("out_of_memory", False)) for r in rows] == [("fp32", True), ("reference", False)]
     assert logged == ["t2t_vit_7 infer batch 1 fp32: out of memory"]
+
+
+# ---- the measured attention rule -----------------------------------------------------------
+def test_auto_kernel_is_never_slower_than_math_in_the_shipped_measurement():
+    import json
+    from pathlib import Path
+
+    from t2t_vit.switchboard import auto_kernel
+
+    results = json.loads((Path(__file__).parents[1] / "benchmarks" / "results-attention-kernels.json").read_text())
+    assert len(results["cases"]) >= 16
+    for case in results["cases"]:
+        dtype = getattr(torch, case["dtype"])
+        choice = auto_kernel("cpu", dtype, case["tokens"], case["grad"])
+        chosen_ms = case["fused_ms"] if choice == "fused" else case["math_ms"]
+        assert chosen_ms <= case["math_ms"], case
+        start = results["fused_from"][f"{case['dtype']}/{'train' if case['grad'] else 'infer'}"]
+        assert choice == ("fused" if case["tokens"] >= start else "math"), case  # the rule is the measurement's
+    assert auto_kernel("cuda", torch.bfloat16, 197, False) == "fused"
+    assert auto_kernel("cpu", torch.float16, 197, False) == "math"  # unmeasured: plain matmuls
+
+
+def test_attention_kernels_reports_each_attention_for_a_case():
+    from t2t_vit.switchboard import auto_kernel
+
+    model = t2t_vit.create_model("t2t_vit_t_14", depth=2)
+    kernels = t2t_vit.attention_kernels(model, dtype=torch.bfloat16, grad=False)
+    assert list(kernels) == ["tokens_to_token.attention1.attn.core", "tokens_to_token.attention2.attn.core",
+                             "blocks.0.attn.core", "blocks.1.attn.core"]
+    assert kernels["tokens_to_token.attention1.attn.core"] == auto_kernel("cpu", torch.bfloat16, 3136, False)
+    assert kernels["blocks.0.attn.core"] == auto_kernel("cpu", torch.bfloat16, 197, False)
+    configure(model, attention="fused")
+    assert set(t2t_vit.attention_kernels(model).values()) == {"fused"}
+    assert next(model.parameters()).device.type == "cpu"  # counted on a meta copy

@@ -252,6 +252,13 @@ def test_small_stem_gives_64_tokens_at_32px():
 
 # ---- every registered model trains ------------------------------------------------------------
 
+def small(name: str, **overrides) -> t2t_vit.T2TViT:
+    """A registered model at 64 px with few blocks (dense variants keep their stages)."""
+    args = dict(img_size=64, num_classes=7, **({} if "dense" in name else dict(depth=2)))
+    torch.manual_seed(0)
+    return create_model(name, **{**args, **overrides})
+
+
 @pytest.mark.parametrize("name", REGISTERED)
 def test_forward_backward_every_model(name):
     model = create_model(name, img_size=64, num_classes=7, drop_path_rate=0.1)
@@ -259,9 +266,78 @@ def test_forward_backward_every_model(name):
     out = model(torch.randn(2, 3, 64, 64))
     assert out.shape == (2, 7)
     out.logsumexp(-1).mean().backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    assert not missing
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing  # every parameter learns: fixed tables are buffers, not frozen parameters
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ---- timm's model contract: scripting, fx tracing, feature extraction ---------------------------
+
+@pytest.mark.parametrize("name", ["t2t_vit_14", "t2t_vit_t_14", "vit_s16"])
+def test_fixed_tables_are_persistent_buffers_under_checkpoint_keys(name):
+    model = create_model(name)
+    fixed = {"pos_embed"} | ({"tokens_to_token.attention1.w", "tokens_to_token.attention2.w"}
+                             if name == "t2t_vit_14" else set())
+    assert fixed == {n for n, _ in model.named_buffers()}
+    assert not fixed & {n for n, _ in model.named_parameters()}
+    assert fixed <= set(model.state_dict())
+    clone = create_model(name)
+    clone.load_state_dict(model.state_dict())  # strict: the keys round-trip
+    for key in fixed:
+        assert torch.equal(clone.get_buffer(key), model.get_buffer(key))
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_scripted_model_equals_eager(name):
+    model = small(name).eval()
+    x = torch.randn(2, 3, 64, 64)
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_fx_traced_model_equals_eager_and_trains(name):
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = small(name).eval()
+    x = torch.randn(2, 3, 64, 64)
+    traced = torch.fx.symbolic_trace(model)  # plain tracing, no leaf lists passed in
+    with torch.no_grad():
+        assert torch.equal(traced(x), model(x))
+    extractor = create_feature_extractor(model.train(), return_nodes={"head": "logits"})
+    extractor(x)["logits"].mean().backward()
+    assert all(p.grad is not None for p in extractor.parameters())
+
+
+def test_feature_extractor_returns_chosen_block_outputs():
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    model = small("t2t_vit_14", depth=3).eval()
+    _, nodes = get_graph_node_names(model)
+    assert {"tokens_to_token.project", "norm", "head"} <= set(nodes)
+    assert any(n.startswith("blocks.2.") for n in nodes)
+    extractor = create_feature_extractor(model, return_nodes={"tokens_to_token.project": "mid", "norm": "final"})
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = extractor(x)
+        torch.testing.assert_close(out["final"], model.forward_features(x))
+        assert out["mid"].shape == (2, 16, 384)  # 4x4 tokens at 64 px, before the class token
+    scripted = torch.jit.script(extractor)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x)["final"], out["final"])
+
+
+def test_scripted_model_keeps_the_choice_of_its_instance():
+    model = configure_all(small("t2t_vit_t_14"), "math").eval()
+    scripted = torch.jit.script(model)
+    assert scripted.tokens_to_token.attention1.attn.core.attention_kernel == "math"
+    with pytest.raises(Exception, match="tiled|grid"):
+        scripted(torch.randn(1, 3, 50, 50))
+
+
+def configure_all(model, kernel):
+    return t2t_vit.configure(model, attention=kernel)
 
 
 # ---- timm contract ----------------------------------------------------------------------------
@@ -316,3 +392,25 @@ def test_unknown_model_suggests_close_names():
 def test_pretrained_without_file_refuses_to_download():
     with pytest.raises(T2TViTError, match="never downloads"):
         create_model("t2t_vit_7", pretrained=True)
+
+
+# ---- Token Labeling auxiliary head ---------------------------------------------------------------
+
+def test_token_label_head_adds_half_the_best_patch_token_logits():
+    model = small("t2t_vit_24", token_label_head=True).eval()
+    state = model.state_dict()
+    assert state["aux_head.weight"].shape == (7, 512) and state["aux_head.bias"].shape == (7,)
+    assert "aux_head.weight" not in small("t2t_vit_24").state_dict()  # off unless asked
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        cls_logits = feats[:, 0] @ model.head.weight.t() + model.head.bias
+        patch_logits = feats[:, 1:] @ model.aux_head.weight.t() + model.aux_head.bias  # (B, 16, 7)
+        expected = cls_logits + 0.5 * patch_logits.max(dim=1).values
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(model(x), cls_logits, atol=1e-3)  # the auxiliary term counts
+        torch.testing.assert_close(torch.jit.script(model)(x), expected, rtol=1e-5, atol=1e-5)
+    model.reset_classifier(0)
+    assert "aux_head.weight" not in model.state_dict() and model(x).shape == (3, 512)
+    model.reset_classifier(4)
+    assert model.state_dict()["aux_head.weight"].shape == (4, 512) and model(x).shape == (3, 4)

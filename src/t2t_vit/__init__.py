@@ -13,14 +13,14 @@ from t2t_vit.checkpoint import load_checkpoint, read_metadata, read_state_dict, 
 from t2t_vit.errors import T2TViTError
 from t2t_vit.model import T2TViT, set_fused_attn
 from t2t_vit.pretrained import from_pretrained, save_pretrained
-from t2t_vit.switchboard import attention_kernels, configure, reference_formulation
+from t2t_vit.switchboard import attention_kernels, configure, for_inference, reference_formulation
 from t2t_vit.variants import VARIANTS, list_models
 
 __version__ = "0.1.0"
 __all__ = [
     "T2TViT", "T2TViTError", "VARIANTS", "create_model", "list_models", "set_fused_attn", "__version__",
     "load_checkpoint", "read_state_dict", "read_metadata", "save_weights", "save_pretrained", "from_pretrained",
-    "configure", "reference_formulation", "attention_kernels",
+    "configure", "reference_formulation", "attention_kernels", "for_inference",
 ]
 
 

@@ -42,6 +42,12 @@ class T2TViT(nn.Module):
         dynamic_img_size: accept other input sizes by resampling the position table on the fly.
         t2t_kernel_ratio / t2t_drop_rate: the Performer T2T layer's random features per token
             width and its dropout (the authors' 0.5 and 0.1); small-data studies vary them.
+        token_label_head: add Token Labeling's auxiliary head ``aux_head`` (a Linear over the patch
+            tokens, the key names of Token Labeling's LV-ViT models) for checkpoints trained with
+            it, e.g. the authors' T2T-ViT-24 "tl" release. Inference then follows LV-ViT's published
+            rule: logits = head(cls token) + 0.5 · max over patch tokens of aux_head(token).
+            Assumption: the released file holds such a head under these keys; it cannot be
+            inspected here.
     """
 
     def __init__(
@@ -69,6 +75,7 @@ class T2TViT(nn.Module):
         dynamic_img_size: bool = False,
         t2t_kernel_ratio: float = 0.5,
         t2t_drop_rate: float = 0.1,
+        token_label_head: bool = False,
     ) -> None:
         super().__init__()
         if global_pool not in ("token", "avg", ""):
@@ -80,7 +87,6 @@ class T2TViT(nn.Module):
         self.num_prefix_tokens = 1
         self.grad_checkpointing = False
         self.embed_dim = embed_dim
-
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.tokens_to_token = build_tokenizer(
             tokenizer, in_chans, embed_dim, token_dim, stem, patch_size,
@@ -99,14 +105,18 @@ class T2TViT(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = []
-        width = embed_dim
-        for index, blk in enumerate(self.blocks):
-            width = _out_width(blk, width)
-            self.feature_info.append(dict(module=f"blocks.{index}", num_chs=width, reduction=self.reduction))
-
+        self.token_label_head = token_label_head
+        self.aux_head = self._aux_head(num_classes)
+        self.feature_info = self._block_feature_info()
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
+
+    def _block_feature_info(self) -> list:
+        info, width = [], self.embed_dim
+        for index, blk in enumerate(self.blocks):
+            width = _out_width(blk, width)
+            info.append(dict(module=f"blocks.{index}", num_chs=width, reduction=self.reduction))
+        return info
 
     # ---- geometry -------------------------------------------------------------------------
     @property
@@ -146,8 +156,19 @@ class T2TViT(nn.Module):
         return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.head_drop(self.pool(x))
-        return x if pre_logits else self.head(x)
+        pooled = self.head_drop(self.pool(x))
+        if pre_logits:
+            return pooled
+        logits = self.head(pooled)
+        if self.token_label_head and self.num_classes > 0 and self.global_pool != "":
+            # Token Labeling (LV-ViT) inference: class-token logits + 0.5 · max over patch-token logits.
+            logits = logits + 0.5 * self.aux_head(x[:, self.num_prefix_tokens :]).amax(dim=1)
+        return logits
+
+    def _aux_head(self, num_classes: int) -> nn.Module:
+        if self.token_label_head and num_classes > 0:
+            return nn.Linear(self.num_features, num_classes)
+        return nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
@@ -212,8 +233,10 @@ class T2TViT(nn.Module):
         if global_pool is not None:
             self.global_pool = global_pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.aux_head = self._aux_head(num_classes)
         if num_classes > 0:
             _init_weights(self.head)
+            _init_weights(self.aux_head)
 
 
 def resample_position_table(table: Tensor, new_grid: Tuple[int, int], old_grid: Tuple[int, int]) -> Tensor:
