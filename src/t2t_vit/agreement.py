@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import t2t_vit
+from t2t_vit.switchboard import for_inference
 
 
 def digits_data(img_size: int = 16) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -51,8 +52,6 @@ def bf16_agreement(model: nn.Module, images: Tensor, labels: Tensor | None = Non
     """Top-1 agreement of the bf16 inference model (``for_inference`` of a copy of ``model``, what
     ``t2t-vit bench`` times as ``bf16``) with ``model`` in fp32 on ``images`` (and each one's
     accuracy if labelled)."""
-    from t2t_vit.bench.cases import for_inference
-
     model.eval()
     low = for_inference(copy.deepcopy(model), dtype=torch.bfloat16)
     fp32, bf16 = [], []

@@ -29,12 +29,7 @@ import t2t_vit
 from t2t_vit.errors import T2TViTError, require
 from t2t_vit.train.evaluate import autocast
 
-from t2t_vit.switchboard import attention_kernels, reference_formulation
-
-try:
-    from t2t_vit.switchboard import for_inference
-except ImportError:  # a switchboard without it yet: bf16 autocast around the model
-    from t2t_vit.bench._fallback import for_inference
+from t2t_vit.switchboard import attention_kernels, for_inference, reference_formulation
 
 MODELS = ("t2t_vit_7", "t2t_vit_14", "t2t_vit_t_14", "t2t_vit_24")
 DEFAULT_MODELS = ("t2t_vit_14", "t2t_vit_t_14")
