@@ -203,7 +203,7 @@ def _meta(device: torch.device) -> dict:
 
 
 def _ratio(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}"
+    return "—" if value is None or value != value else f"{value:.2f}"  # None or NaN: no such baseline
 
 
 def format_table(result: dict) -> str:
