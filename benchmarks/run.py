@@ -1,6 +1,6 @@
-"""Benchmark the fast paths against the reference formulation: prints a table, writes JSON.
+"""Benchmark T2T-ViT against what users would run instead: prints a table, writes JSON.
 
-    python benchmarks/run.py --quick          # a fast look (two models, batch 8)
+    python benchmarks/run.py --quick          # a short look: T2T-ViT-14 beside DeiT-S, batch 8
     python benchmarks/run.py                  # the full suite (same as `t2t-vit bench`)
 
 See docs/benchmarks.md for what is measured and the numbers we got.

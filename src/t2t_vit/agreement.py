@@ -6,11 +6,14 @@ flips classes. These helpers train the architecture briefly on the digits of ``t
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import t2t_vit
+from t2t_vit.switchboard import for_inference
 
 
 def digits_data(img_size: int = 16) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -46,13 +49,15 @@ def train_briefly(model: nn.Module, images: Tensor, labels: Tensor, steps: int, 
 
 @torch.inference_mode()
 def bf16_agreement(model: nn.Module, images: Tensor, labels: Tensor | None = None, batch: int = 128) -> dict[str, float]:
-    """Top-1 agreement of bf16 autocast with fp32 on ``images`` (and each one's accuracy if labelled)."""
+    """Top-1 agreement of the bf16 inference model (``for_inference`` of a copy of ``model``, what
+    ``t2t-vit bench`` times as ``bf16``) with ``model`` in fp32 on ``images`` (and each one's
+    accuracy if labelled)."""
     model.eval()
+    low = for_inference(copy.deepcopy(model), dtype=torch.bfloat16)
     fp32, bf16 = [], []
     for chunk in images.split(batch):
         fp32.append(model(chunk))
-        with torch.autocast(chunk.device.type, dtype=torch.bfloat16):
-            bf16.append(model(chunk).float())
+        bf16.append(low(chunk).float())
     fp32_logits, bf16_logits = torch.cat(fp32), torch.cat(bf16)
     result = dict(images=len(images), agreement=(fp32_logits.argmax(1) == bf16_logits.argmax(1)).float().mean().item(),
                   max_logit_diff=(fp32_logits - bf16_logits).abs().max().item(),
