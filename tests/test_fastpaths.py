@@ -21,9 +21,6 @@ from hypothesis import strategies as st
 
 import t2t_vit
 from t2t_vit.agreement import bf16_agreement, digits_data, train_briefly
-from t2t_vit.bench import (
-    bench_model, build_case, format_table, forward_flops, make_step, time_alternating, training_memory,
-)
 from t2t_vit.layers import Attention, AttentionCore
 from t2t_vit.switchboard import choices_of, configure, for_inference, reference_formulation
 from t2t_vit.t2t import PerformerCore, SoftSplit, TokenPerformer, performer_attention, performer_features
@@ -325,53 +322,6 @@ def test_compile_inductor_matches_eager():
 
 
 # ---- benchmark helpers ---------------------------------------------------------------------
-def test_time_alternating_interleaves_cases():
-    order = []
-    times = time_alternating({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 3, torch.device("cpu"))
-    assert order == ["a", "b"] * 4  # one warm-up round, then three alternating rounds
-    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
-
-
-def test_forward_flops_count_every_matmul():
-    # The authors' code measures 1.147 GMACs for t2t_vit_7 at 224 px, attention matmuls included
-    # (the fused CPU kernel would count 0, so the count must run on the reference formulation).
-    assert forward_flops("t2t_vit_7") / 2 / 1e9 == pytest.approx(1.147, rel=0.01)
-
-
-@pytest.mark.e2e
-def test_training_memory_runs_in_a_fresh_process():
-    figures = training_memory("t2t_vit_7", "fp32", batch=2, img_size=32)
-    # Weights (4.3M fp32 = 17 MB) + gradients + momentum are at least ~50 MB above the baseline.
-    assert figures["peak_mb"] >= figures["baseline_mb"] + 40
-    assert figures["step_mb"] == pytest.approx(figures["peak_mb"] - figures["baseline_mb"])
-
-
-def test_compile_bf16_mode_compiles_and_runs_under_autocast(monkeypatch):
-    compiled = []
-    monkeypatch.setattr(torch, "compile", lambda model, backend: compiled.append(backend) or model)
-    model = build_case("t2t_vit_7", "compile-bf16", img_size=32)
-    assert compiled == ["inductor"]
-    seen = []
-    model.head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
-    make_step(model, "compile-bf16", "infer", torch.randn(1, 3, 32, 32), torch.zeros(1, dtype=torch.long))()
-    assert seen == [torch.bfloat16]
-
-
-def test_bench_model_rows_and_table():
-    rows = bench_model("t2t_vit_7", ["reference", "fp32"], [("infer", 2), ("train", 2)], repeats=2,
-                       device=torch.device("cpu"), img_size=32)
-    assert [(r["task"], r["mode"]) for r in rows] == [("infer", "reference"), ("infer", "fp32"),
-                                                      ("train", "reference"), ("train", "fp32")]
-    for row in rows:
-        assert len(row["times"]) == 2 and row["images_per_s"] == pytest.approx(2 / row["seconds"])
-        assert row["peak_mb"] is None  # GPU memory only on a GPU; the CPU has its own subprocess measure
-        row["of_peak"] = 0.5
-    assert next(r for r in rows if r["mode"] == "reference")["speedup"] == 1.0
-    rows.append(dict(model="t2t_vit_7", task="train", batch=512, mode="bf16", out_of_memory=True))
-    table = format_table(dict(rows=rows, memory=[]))
-    assert table.count("\n| t2t_vit_7 |") == 5 and "out of memory" in table and "peak MB" not in table
-
-
 # ---- allocator settings of the command line ------------------------------------------------
 _FAULTS_PER_FORWARD = """
 import resource, sys, torch, t2t_vit
@@ -413,24 +363,6 @@ def test_command_applies_the_allocator_settings_unless_told_not_to(monkeypatch):
     assert runtime.tune_for_command() is True and calls == [1]
     monkeypatch.setattr(cli, "tune_for_command", lambda: calls.append(2))
     assert cli.main(["profile", "t2t_vit_7"]) == 0 and calls == [1, 2]
-
-
-def test_bench_reports_a_case_that_runs_out_of_memory_and_goes_on(monkeypatch):
-    import t2t_vit.bench as bench
-
-    real = bench._warm_case
-
-    def warm(name, mode, *args):
-        if mode == "fp32":
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(name, mode, *args)
-
-    monkeypatch.setattr(bench, "_warm_case", warm)
-    logged = []
-    rows = bench_model("t2t_vit_7", ["reference", "fp32"], [("infer", 1)], repeats=1, device=torch.device("cpu"),
-                       img_size=32, log=logged.append)
-    assert [(r["mode"], r.get("out_of_memory", False)) for r in rows] == [("fp32", True), ("reference", False)]
-    assert logged == ["t2t_vit_7 infer batch 1 fp32: out of memory"]
 
 
 # ---- the measured attention rule -----------------------------------------------------------
