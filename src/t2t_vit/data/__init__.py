@@ -89,12 +89,8 @@ def create_datasets(
         tx, ty, vx, vy, dmean, dstd = load_digits_arrays(img_size, interpolation)
         mean, std = _stats(mean, std, dmean, dstd)
         return _array_bundle("digits", tx, ty, vx, vy, [str(i) for i in range(10)], mean, std, **common)
-    if str(data).lower() == "photos":  # 10 classes of crops of scikit-image's photographs (data/photos.py)
-        from t2t_vit.data.photos import photo_arrays
-
-        tx, ty, vx, vy, names = photo_arrays()
-        return _array_bundle("photos", tx, ty, vx, vy, names, *_stats(mean, std, *channel_stats(tx)),
-                             **dict(common, crop_pct=1.0 if crop_pct is None else crop_pct))
+    if str(data).lower() == "photos":
+        return _photos_bundle(mean, std, **common)
     root = Path(data).expanduser()
     if not root.exists():
         raise T2TViTError(f"data path {root} does not exist "
@@ -117,6 +113,15 @@ def create_datasets(
                                                      mean, std)
     train, val, names, skipped = create_imagefolder(root, train_tf, eval_tf, verify)
     return DataBundle(train, val, names, mean, std, "imagefolder", skipped, train_tf, eval_tf, opts, crop)
+
+
+def _photos_bundle(mean, std, **common) -> DataBundle:
+    """10 classes of crops of scikit-image's photographs (data/photos.py), full-frame at eval."""
+    from t2t_vit.data.photos import photo_arrays
+
+    tx, ty, vx, vy, names = photo_arrays()
+    common["crop_pct"] = 1.0 if common["crop_pct"] is None else common["crop_pct"]
+    return _array_bundle("photos", tx, ty, vx, vy, names, *_stats(mean, std, *channel_stats(tx)), **common)
 
 
 def _array_bundle(kind, tx, ty, vx, vy, names, mean, std, *, img_size, augment, crop_pct, interpolation):
