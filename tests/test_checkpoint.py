@@ -330,3 +330,24 @@ def test_no_import_cycle_in_src():
     loading = ["t2t_vit.reading", "t2t_vit.metadata", "t2t_vit.adapting", "t2t_vit.checkpoint", "t2t_vit.hub",
                "t2t_vit.variants", "t2t_vit.pretrained", "t2t_vit.storage"]
     assert [m for m in loading if reaches(m, m, set())] == []
+
+
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14", "t2t_vit_c_14", "vit_s16"])
+def test_three_channel_checkpoint_fits_a_grey_model(name):
+    """timm's ``in_chans`` convention: a 3-channel checkpoint loads into a 1-channel model by
+    summing the first layer's channel blocks, so a grey image gives what the RGB model gives for
+    that image repeated into three channels; other channel counts load too."""
+    from t2t_vit.checkpoint import adapt_state_dict
+
+    torch.manual_seed(0)
+    kwargs = dict(num_classes=5, depth=1)
+    rgb = t2t_vit.create_model(name, **kwargs).eval()
+    grey = t2t_vit.create_model(name, in_chans=1, **kwargs).eval()
+    state, report = adapt_state_dict(rgb.state_dict(), grey)
+    assert report.ok and report.adapted_input_channels == (3, 1)
+    grey.load_state_dict(state)
+    x = torch.randn(2, 1, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(grey(x), rgb(x.expand(-1, 3, -1, -1)), atol=1e-5, rtol=1e-5)
+    _, report = adapt_state_dict(rgb.state_dict(), t2t_vit.create_model(name, in_chans=4, **kwargs))
+    assert report.ok and report.adapted_input_channels == (3, 4)

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from t2t_vit.errors import T2TViTError
@@ -34,6 +35,7 @@ class LoadReport:
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
     resampled_pos_embed: tuple[tuple[int, int], tuple[int, int]] | None = None
     replaced_head: tuple[int, int] | None = None
+    adapted_input_channels: tuple[int, int] | None = None  # (checkpoint's, model's) image channels
 
     @property
     def ok(self) -> bool:
@@ -105,6 +107,36 @@ def _adapt_head(state_dict: dict, target: Mapping[str, Tensor], report: LoadRepo
         report.replaced_head = (0 if head_w is None else head_w.shape[0], own_w.shape[0])
 
 
+def _fold_channels(value: Tensor, dim: int, channels: int) -> Tensor:
+    """Fit a tensor whose axis ``dim`` holds 3 channel blocks (the soft split's channel-major
+    layout, or a conv's input channels) to ``channels`` blocks, as timm's ``adapt_input_conv``
+    does for convs: one channel sums the blocks of a weight (exact for a grey image repeated into
+    RGB) and averages those of a norm parameter; more channels repeat them cyclically, weights
+    scaled by 3/channels."""
+    blocks = value.unflatten(dim, (3, value.shape[dim] // 3))
+    if channels == 1:
+        folded = blocks.mean(dim, keepdim=True) if value.ndim == 1 else blocks.sum(dim, keepdim=True)
+    else:
+        folded = blocks.index_select(dim, torch.arange(channels) % 3)
+        folded = folded if value.ndim == 1 else folded * (3.0 / channels)
+    return folded.flatten(dim, dim + 1)
+
+
+def _adapt_input_channels(state_dict: dict, target: Mapping[str, Tensor], report: LoadReport) -> None:
+    """A 3-channel checkpoint in a model built with another ``in_chans``: the tokenizer's first
+    layer (soft-split LayerNorm and projection, first conv, patch conv) takes the other count."""
+    for key, own in target.items():
+        theirs = state_dict.get(key)
+        if not key.startswith("tokens_to_token.") or theirs is None or theirs.shape == own.shape:
+            continue
+        dim = 1 if own.ndim == 4 else own.ndim - 1
+        old, new = theirs.shape[dim], own.shape[dim]
+        same_rest = [a for i, a in enumerate(theirs.shape) if i != dim] == [a for i, a in enumerate(own.shape) if i != dim]
+        if same_rest and old % 3 == 0 and (new * 3) % old == 0 and new != old:
+            state_dict[key] = _fold_channels(theirs, dim, new * 3 // old)
+            report.adapted_input_channels = (3, new * 3 // old)
+
+
 def adapt_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module, meta: Mapping[str, Any] | None = None,
                      report: LoadReport | None = None) -> tuple[dict[str, Tensor], LoadReport]:
     """Fit ``state_dict`` to ``model``: resample ``pos_embed``, keep the model's head on a class-count
@@ -114,6 +146,7 @@ def adapt_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module, meta: M
     state_dict = dict(state_dict)
     _adapt_table(state_dict, target, model, meta or {}, report)
     _adapt_head(state_dict, target, report)
+    _adapt_input_channels(state_dict, target, report)
     report.missing = [k for k in target if k not in state_dict]
     report.unexpected = sorted((k for k in state_dict if k not in target), key=_natural)
     report.mismatched = [
