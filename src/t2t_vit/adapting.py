@@ -95,16 +95,24 @@ def _adapt_table(state_dict: dict, target: Mapping[str, Tensor], model: nn.Modul
 
 
 def _adapt_head(state_dict: dict, target: Mapping[str, Tensor], report: LoadReport) -> None:
-    head_w, own_w = state_dict.get("head.weight"), target.get("head.weight")
+    for prefix in ("head", "aux_head"):  # the classifier, and Token Labeling's one over patch tokens
+        replaced = _adapt_classifier(state_dict, target, prefix)
+        if replaced and prefix == "head":
+            report.replaced_head = replaced
+
+
+def _adapt_classifier(state_dict: dict, target: Mapping[str, Tensor], prefix: str) -> tuple[int, int] | None:
+    head_w, own_w = state_dict.get(f"{prefix}.weight"), target.get(f"{prefix}.weight")
     if own_w is None and head_w is not None:
         # a feature extractor (num_classes=0): the checkpoint's classifier has nowhere to go
-        state_dict.pop("head.weight"), state_dict.pop("head.bias", None)
-        report.replaced_head = (head_w.shape[0], 0)
-    elif own_w is not None and (head_w is None or (head_w.shape[0] != own_w.shape[0]
-                                                   and head_w.shape[1:] == own_w.shape[1:])):
+        state_dict.pop(f"{prefix}.weight"), state_dict.pop(f"{prefix}.bias", None)
+        return head_w.shape[0], 0
+    if own_w is not None and (head_w is None or (head_w.shape[0] != own_w.shape[0]
+                                                 and head_w.shape[1:] == own_w.shape[1:])):
         # another class count (or no classifier saved): keep the model's freshly initialised head
-        state_dict["head.weight"], state_dict["head.bias"] = own_w, target["head.bias"]
-        report.replaced_head = (0 if head_w is None else head_w.shape[0], own_w.shape[0])
+        state_dict[f"{prefix}.weight"], state_dict[f"{prefix}.bias"] = own_w, target[f"{prefix}.bias"]
+        return 0 if head_w is None else head_w.shape[0], own_w.shape[0]
+    return None
 
 
 def _fold_channels(value: Tensor, dim: int, channels: int) -> Tensor:
