@@ -96,6 +96,8 @@ def _adapt_table(state_dict: dict, target: Mapping[str, Tensor], model: nn.Modul
 
 def _adapt_head(state_dict: dict, target: Mapping[str, Tensor], report: LoadReport) -> None:
     for prefix in ("head", "aux_head"):  # the classifier, and Token Labeling's one over patch tokens
+        if prefix == "aux_head" and "aux_head.weight" not in target and "head.weight" in target:
+            continue  # a model built without the auxiliary head: its keys are unexpected, not dropped
         replaced = _adapt_classifier(state_dict, target, prefix)
         if replaced and prefix == "head":
             report.replaced_head = replaced
