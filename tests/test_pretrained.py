@@ -295,3 +295,22 @@ def test_first_conv_names_the_first_layer_reading_the_image(name):
     in_width = layer.weight.shape[1]
     # the image's channels (patch/conv), or a soft split of them (3 · kernel²) for the T2T layers
     assert in_width == 3 or (in_width % 3 == 0 and (in_width // 3) ** 0.5 % 1 == 0)
+
+
+@pytest.mark.parametrize("tag", ["t2t_vit_7.in1k", "t2t_vit_24.tl_in1k"])
+def test_tag_loads_with_other_channels_and_classes(monkeypatch, server, tag):
+    """timm's pretrained-load contract: a tag loads into a 1-channel model with 5 classes and as a
+    headless feature extractor, from one download."""
+    release = variants.RELEASES[tag]
+    torch.manual_seed(3)
+    ema = timm.create_model(tag, **SMALL).eval()
+    monkeypatch.setitem(variants.RELEASES, tag, dataclasses.replace(release, size=None))  # not the real file
+    serve_tag(monkeypatch, server, tag, authors_bytes(ema, None))
+    grey = timm.create_model(tag, pretrained=True, in_chans=1, num_classes=5, **SMALL).eval()
+    headless = timm.create_model(tag, pretrained=True, in_chans=1, num_classes=0, **SMALL).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        features = ema.forward_head(ema.forward_features(x.expand(-1, 3, -1, -1)), pre_logits=True)
+        torch.testing.assert_close(headless(x), features, atol=1e-5, rtol=1e-5)
+        assert grey(x).shape == (2, 5)
+    assert server.requests == [release.file]
