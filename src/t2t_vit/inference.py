@@ -20,8 +20,6 @@ and print.
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence, TypeVar
@@ -31,52 +29,24 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 import t2t_vit
+from t2t_vit.checkpoint import model_from_checkpoint
 from t2t_vit.errors import T2TViTError
+from t2t_vit.metadata import check_data_config
 from t2t_vit.runtime import default_device
 
-from t2t_vit.checkpoint import model_from_checkpoint
-
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 T = TypeVar("T")
 
 
 # ---- preprocessing ---------------------------------------------------------------------------
 def _stored_data_config(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """The checkpoint's ``data_config``, checked field by field ({} when it has none)."""
+    """The checkpoint's ``data_config`` as the loading layer checks it, without its input size."""
     stored = meta.get("data_config")
     if stored is None or stored == "":
         return {}
-    if isinstance(stored, str):
-        try:
-            stored = json.loads(stored)
-        except json.JSONDecodeError as err:
-            raise T2TViTError(f"the checkpoint's data_config is not JSON: {err}") from err
-    if not isinstance(stored, Mapping):
-        raise T2TViTError(f"the checkpoint's data_config must be a mapping, got {type(stored).__name__}")
-    out: dict[str, Any] = {}
-    for key in ("mean", "std"):
-        if key in stored:
-            values = stored[key]
-            ok = isinstance(values, (list, tuple)) and 0 < len(values) <= 64 and all(
-                isinstance(v, (int, float)) and math.isfinite(v) for v in values)
-            if not ok or (key == "std" and min(values) <= 0):
-                raise T2TViTError(f"the checkpoint's data_config {key} must be one finite number per channel"
-                                  f"{' > 0' if key == 'std' else ''}, got {values!r}")
-            out[key] = tuple(float(v) for v in values)
-    if "crop_pct" in stored:
-        crop = stored["crop_pct"]
-        if not isinstance(crop, (int, float)) or not 0 < crop <= 2:  # above 1 the crop is padded
-            raise T2TViTError(f"the checkpoint's data_config crop_pct must be in (0, 2], got {crop!r}")
-        out["crop_pct"] = float(crop)
-    if "interpolation" in stored:
-        if stored["interpolation"] not in INTERPOLATIONS:
-            raise T2TViTError(f"the checkpoint's data_config interpolation must be one of "
-                              f"{', '.join(INTERPOLATIONS)}, got {stored['interpolation']!r}")
-        out["interpolation"] = stored["interpolation"]
-    if stored.get("crop_mode") in ("center", "squash", "border"):
-        out["crop_mode"] = stored["crop_mode"]
-    return out
+    config = check_data_config(stored)
+    config.pop("input_size", None)  # the model's own size decides the crop
+    return {k: tuple(v) if k in ("mean", "std") else v for k, v in config.items()}
 
 
 def data_config(model: nn.Module, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
