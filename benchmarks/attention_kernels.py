@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -110,6 +111,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    load_before = os.getloadavg()[0]
     cases = measure(args.batch, args.repeats)
     rule = crossovers(cases)
     print("fused from (tokens):", json.dumps(rule))
@@ -117,7 +119,9 @@ def main() -> None:
         command=f"python benchmarks/attention_kernels.py --batch {args.batch} --repeats {args.repeats} "
                 f"--threads {args.threads}",
         device="cpu", processor=platform.processor() or platform.machine(), threads=args.threads,
-        torch=torch.__version__, note="interleaved medians; the machine was shared with other jobs",
+        torch=torch.__version__, measured=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)],  # 1-min, at start and end
+        note="interleaved medians of fused and math per case",
         cases=cases, fused_from=rule,
     )
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
