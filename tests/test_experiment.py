@@ -235,8 +235,16 @@ def test_preset_recipe_file_and_shared_runs(tmp_path, monkeypatch):
     that comes out equal to a variant of another preset trains into the same run."""
     from dataclasses import replace
 
+    import yaml
+
+    from t2t_vit.train.config import recipe_path
+
+    # The digits preset's own pinned recipe, with a longer warm-up and the T2T layers' dropout off.
+    shared = yaml.safe_load(open(recipe_path(PRESETS["digits"].config)))
+    assert shared["ema_decay"] == 0.998 and shared["scale"] == [0.75, 1.0]  # the published tables' recipe
     recipe_file = tmp_path / "small.yaml"
-    recipe_file.write_text("model: t2t_vit_7\nmodel_kwargs: {embed_dim: 8, t2t_drop_rate: 0.0}\nwarmup_epochs: 2.0\n")
+    recipe_file.write_text(yaml.safe_dump(dict(shared, model="t2t_vit_7", warmup_epochs=2.0,
+                                               model_kwargs=dict(embed_dim=8, t2t_drop_rate=0.0))))
     monkeypatch.setitem(PRESETS, "small", replace(PRESETS["digits"], config=str(recipe_file)))
     monkeypatch.setattr(experiment, "profile_arm", no_profile)
     calls = []
@@ -247,6 +255,7 @@ def test_preset_recipe_file_and_shared_runs(tmp_path, monkeypatch):
                                 for arm in ("t2t", "no_t2t"))
     assert t2t_run["model_kwargs"]["t2t_drop_rate"] == 0.0 and t2t_run["model_kwargs"]["embed_dim"] == 64
     assert "t2t_drop_rate" not in patch_run["model_kwargs"] and patch_run["warmup_epochs"] == 2.0
+    assert patch_run["ema_decay"] == 0.998  # from the recipe file, not the trainer's default
     # The digits preset's t2t:t2t_drop=0 with the same warm-up is the very same run: not trained again.
     run_ablation("digits", tmp_path / "out", arms=["t2t:t2t_drop=0:warmup=2.0"], **kwargs)
     assert len(calls) == 2
