@@ -381,7 +381,10 @@ def test_auto_kernel_is_never_slower_than_math_in_the_shipped_measurement():
         dtype = getattr(torch, case["dtype"])
         choice = auto_kernel("cpu", dtype, case["tokens"], case["grad"])
         chosen_ms = case["fused_ms"] if choice == "fused" else case["math_ms"]
-        assert chosen_ms <= case["math_ms"], case
+        # Never slower than math, except where fused saves a long training sequence's N×N matrix.
+        saves_memory = case["grad"] and case["tokens"] >= results["memory_rule"]["min_tokens"]
+        slack = results["memory_rule"]["slack"] if saves_memory else 1.0
+        assert chosen_ms <= slack * case["math_ms"], case
         start = results["fused_from"][f"{case['dtype']}/{'train' if case['grad'] else 'infer'}"]
         assert choice == ("fused" if case["tokens"] >= start else "math"), case  # the rule is the measurement's
     assert auto_kernel("cuda", torch.bfloat16, 197, False) == "fused"
