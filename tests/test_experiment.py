@@ -243,7 +243,7 @@ def test_preset_recipe_file_and_shared_runs(tmp_path, monkeypatch):
     shared = yaml.safe_load(open(recipe_path(PRESETS["digits"].config)))
     assert shared["ema_decay"] == 0.998 and shared["scale"] == [0.75, 1.0]  # the published tables' recipe
     recipe_file = tmp_path / "small.yaml"
-    recipe_file.write_text(yaml.safe_dump(dict(shared, model="t2t_vit_7", warmup_epochs=2.0,
+    recipe_file.write_text(yaml.safe_dump(dict(shared, model="t2t_vit_7", warmup_epochs=2.0, t2t_lr_scale=0.5,
                                                model_kwargs=dict(embed_dim=8, t2t_drop_rate=0.0))))
     monkeypatch.setitem(PRESETS, "small", replace(PRESETS["digits"], config=str(recipe_file)))
     monkeypatch.setattr(experiment, "profile_arm", no_profile)
@@ -256,6 +256,8 @@ def test_preset_recipe_file_and_shared_runs(tmp_path, monkeypatch):
     assert t2t_run["model_kwargs"]["t2t_drop_rate"] == 0.0 and t2t_run["model_kwargs"]["embed_dim"] == 64
     assert "t2t_drop_rate" not in patch_run["model_kwargs"] and patch_run["warmup_epochs"] == 2.0
     assert patch_run["ema_decay"] == 0.998  # from the recipe file, not the trainer's default
-    # The digits preset's t2t:t2t_drop=0 with the same warm-up is the very same run: not trained again.
-    run_ablation("digits", tmp_path / "out", arms=["t2t:t2t_drop=0:warmup=2.0"], **kwargs)
+    # The T2T module's lr scale is the T2T arm's alone: the patch split trains as before.
+    assert t2t_run["t2t_lr_scale"] == 0.5 and patch_run["t2t_lr_scale"] == 1.0
+    # The digits preset's arm spelled with the same settings is the very same run: not trained again.
+    run_ablation("digits", tmp_path / "out", arms=["t2t:t2t_drop=0:warmup=2.0:t2t_lr=0.5"], **kwargs)
     assert len(calls) == 2
