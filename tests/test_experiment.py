@@ -261,3 +261,20 @@ def test_preset_recipe_file_and_shared_runs(tmp_path, monkeypatch):
     # The digits preset's arm spelled with the same settings is the very same run: not trained again.
     run_ablation("digits", tmp_path / "out", arms=["t2t:t2t_drop=0:warmup=2.0:t2t_lr=0.5"], **kwargs)
     assert len(calls) == 2
+
+
+def test_small_data_preset_is_the_digits_preset_with_a_slower_t2t_module():
+    """The shipped small-data recipe differs from the ablation's pinned recipe only in the T2T module's lr,
+    so its T2T arm is the measured `t2t:t2t_lr=0.1` run and its other arms are the digits preset's."""
+    from t2t_vit.experiment.arms import parse_arm
+    from t2t_vit.experiment.runner import arm_config, budget_of, preset_recipe
+
+    digits_shared, digits_t2t = preset_recipe(PRESETS["digits"])
+    small_shared, small_t2t = preset_recipe(PRESETS["small_data"])
+    assert small_shared == digits_shared and digits_t2t == {}
+    assert small_t2t == {"t2t_lr_scale": 0.1}
+    by_name = {a.name: a for a in ablation_arms(PRESETS["digits"])}
+    variant = parse_arm("t2t:t2t_lr=0.1", by_name)
+    measured = budget_of(arm_config(variant, 0, digits_shared, digits_t2t), variant)
+    preset_arm = by_name["t2t"]
+    assert budget_of(arm_config(preset_arm, 0, small_shared, small_t2t), preset_arm) == measured
