@@ -243,7 +243,7 @@ def test_preset_recipe_file_and_shared_runs(tmp_path, monkeypatch):
     shared = yaml.safe_load(open(recipe_path(PRESETS["digits"].config)))
     assert shared["ema_decay"] == 0.998 and shared["scale"] == [0.75, 1.0]  # the published tables' recipe
     recipe_file = tmp_path / "small.yaml"
-    recipe_file.write_text(yaml.safe_dump(dict(shared, model="t2t_vit_7", warmup_epochs=2.0,
+    recipe_file.write_text(yaml.safe_dump(dict(shared, model="t2t_vit_7", warmup_epochs=2.0, t2t_lr_scale=0.5,
                                                model_kwargs=dict(embed_dim=8, t2t_drop_rate=0.0))))
     monkeypatch.setitem(PRESETS, "small", replace(PRESETS["digits"], config=str(recipe_file)))
     monkeypatch.setattr(experiment, "profile_arm", no_profile)
@@ -256,6 +256,25 @@ def test_preset_recipe_file_and_shared_runs(tmp_path, monkeypatch):
     assert t2t_run["model_kwargs"]["t2t_drop_rate"] == 0.0 and t2t_run["model_kwargs"]["embed_dim"] == 64
     assert "t2t_drop_rate" not in patch_run["model_kwargs"] and patch_run["warmup_epochs"] == 2.0
     assert patch_run["ema_decay"] == 0.998  # from the recipe file, not the trainer's default
-    # The digits preset's t2t:t2t_drop=0 with the same warm-up is the very same run: not trained again.
-    run_ablation("digits", tmp_path / "out", arms=["t2t:t2t_drop=0:warmup=2.0"], **kwargs)
+    # The T2T module's lr scale is the T2T arm's alone: the patch split trains as before.
+    assert t2t_run["t2t_lr_scale"] == 0.5 and patch_run["t2t_lr_scale"] == 1.0
+    # The digits preset's arm spelled with the same settings is the very same run: not trained again.
+    run_ablation("digits", tmp_path / "out", arms=["t2t:t2t_drop=0:warmup=2.0:t2t_lr=0.5"], **kwargs)
     assert len(calls) == 2
+
+
+def test_small_data_preset_is_the_digits_preset_with_a_slower_t2t_module():
+    """The shipped small-data recipe differs from the ablation's pinned recipe only in the T2T module's lr,
+    so its T2T arm is the measured `t2t:t2t_lr=0.1` run and its other arms are the digits preset's."""
+    from t2t_vit.experiment.arms import parse_arm
+    from t2t_vit.experiment.runner import arm_config, budget_of, preset_recipe
+
+    digits_shared, digits_t2t = preset_recipe(PRESETS["digits"])
+    small_shared, small_t2t = preset_recipe(PRESETS["small_data"])
+    assert small_shared == digits_shared and digits_t2t == {}
+    assert small_t2t == {"t2t_lr_scale": 0.1}
+    by_name = {a.name: a for a in ablation_arms(PRESETS["digits"])}
+    variant = parse_arm("t2t:t2t_lr=0.1", by_name)
+    measured = budget_of(arm_config(variant, 0, digits_shared, digits_t2t), variant)
+    preset_arm = by_name["t2t"]
+    assert budget_of(arm_config(preset_arm, 0, small_shared, small_t2t), preset_arm) == measured

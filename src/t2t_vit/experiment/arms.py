@@ -62,6 +62,9 @@ PRESETS: dict[str, Preset] = {
     # Sized so that 7 arms × 3 seeds fit in 30 minutes on a 2-core CPU (docs/experiments.md).
     "digits": Preset(64, 7, 32, 10, 32, 1e-3, (16, 32, 64, 128), "≈0.3M-param arms for the 2-core CPU run",
                      config="ablation_small"),
+    # The same arms with the small-data recipe: the T2T module's lr at 0.1× (docs/experiments.md).
+    "small_data": Preset(64, 7, 32, 10, 32, 1e-3, (16, 32, 64, 128), "digits-preset arms, T2T module at 0.1× lr",
+                         config="small_data"),
     # T2T-ViT-7 widths (≈1M-params arms at 32 px): for CIFAR-sized folders on a GPU.
     "cifar": Preset(256, 7, 64, 100, 128, 1e-3, (32, 64, 128, 256), "T2T-ViT-7-wide arms for CIFAR-sized data on a GPU"),
 }

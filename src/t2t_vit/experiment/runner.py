@@ -18,6 +18,8 @@ RUN_FIELDS = ("output", "seed", "resume", "workers", "threads", "log_every", "de
 # Keys of a preset's recipe file that describe one model, not the shared training recipe.
 MODEL_FIELDS = ("data", "model", "model_kwargs", "img_size", "stem", "output", "resume", "seed", "num_classes")
 BUILTIN_SETS = ("photos",)
+# TrainConfig fields that only concern a T2T module: a preset's recipe gives them to arms with one.
+T2T_TRAIN_FIELDS = ("t2t_lr_scale", "t2t_warmup_epochs")
 
 
 def is_main_process() -> bool:
@@ -26,7 +28,11 @@ def is_main_process() -> bool:
 
 
 def preset_recipe(preset: Preset) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(shared training keys, ``t2t_*`` model arguments) from the preset's recipe file, if any."""
+    """(shared training keys, T2T-module settings) from the preset's recipe file, if any.
+
+    The T2T-module settings are the ``t2t_*`` model arguments and the T2T module's own lr settings
+    (``T2T_TRAIN_FIELDS``); only arms with a T2T module take them, so a small-data recipe that slows the
+    T2T module's lr leaves the patch-split and other arms' training as it is."""
     if not preset.config:
         return {}, {}
     import yaml
@@ -38,7 +44,9 @@ def preset_recipe(preset: Preset) -> tuple[dict[str, Any], dict[str, Any]]:
         values = yaml.safe_load(f) or {}
     check_keys(values, path)
     t2t = {k: v for k, v in (values.get("model_kwargs") or {}).items() if k.startswith("t2t_")}
-    return {k: v for k, v in values.items() if k not in MODEL_FIELDS}, t2t
+    t2t.update({k: v for k, v in values.items() if k in T2T_TRAIN_FIELDS})
+    shared = {k: v for k, v in values.items() if k not in MODEL_FIELDS and k not in T2T_TRAIN_FIELDS}
+    return shared, t2t
 
 
 def builtin_data(data: str, output: Path) -> tuple[str, dict[str, Any]]:
@@ -64,12 +72,13 @@ def arm_config(arm: Arm, seed: int, recipe: dict[str, Any], t2t_kwargs: dict[str
     module, then the arm's own overrides."""
     from t2t_vit.train import TrainConfig
 
-    kwargs = dict(arm.model_kwargs)
-    if arm.has_t2t_module:
-        kwargs = {**t2t_kwargs, **kwargs}
+    kwargs, t2t_train = dict(arm.model_kwargs), {}
+    if arm.has_t2t_module:  # the preset's T2T settings, under the arm's own options
+        t2t_train = {k: v for k, v in t2t_kwargs.items() if k in T2T_TRAIN_FIELDS}
+        kwargs = {**{k: v for k, v in t2t_kwargs.items() if k not in T2T_TRAIN_FIELDS}, **kwargs}
     # The trainer uses ``stem`` for T2T-ViT models only; timm models get their size via model_kwargs.
-    return TrainConfig(**{**recipe, **arm.train}, model=arm.model, model_kwargs=kwargs, img_size=IMG_SIZE,
-                       stem="small", output=None if output is None else str(output), seed=seed, resume="auto")
+    return TrainConfig(**{**recipe, **t2t_train, **arm.train}, model=arm.model, model_kwargs=kwargs,
+                       img_size=IMG_SIZE, stem="small", output=None if output is None else str(output), seed=seed, resume="auto")
 
 
 def budget_of(cfg, arm: Arm, data_name: str | None = None) -> dict[str, Any]:
