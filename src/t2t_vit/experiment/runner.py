@@ -78,7 +78,8 @@ def arm_config(arm: Arm, seed: int, recipe: dict[str, Any], t2t_kwargs: dict[str
         kwargs = {**{k: v for k, v in t2t_kwargs.items() if k not in T2T_TRAIN_FIELDS}, **kwargs}
     # The trainer uses ``stem`` for T2T-ViT models only; timm models get their size via model_kwargs.
     return TrainConfig(**{**recipe, **t2t_train, **arm.train}, model=arm.model, model_kwargs=kwargs,
-                       img_size=IMG_SIZE, stem="small", output=None if output is None else str(output), seed=seed, resume="auto")
+                       img_size=IMG_SIZE, stem="small", output=None if output is None else str(output),
+                       seed=seed, resume="auto")
 
 
 def budget_of(cfg, arm: Arm, data_name: str | None = None) -> dict[str, Any]:
