@@ -211,16 +211,21 @@ def assert_tracks_fp32(bf16, fp32):
     assert (fp32 - bf16.float()).norm() / fp32.norm() < 0.03
 
 
+@pytest.mark.parametrize("precision", ["autocast", "for_inference"])
 @pytest.mark.parametrize("name", ["t2t_vit_14", "t2t_vit_t_14"])
-def test_bf16_full_size_features_track_fp32(name):
-    # 224 px: the 3,136-token first T2T layer (Performer or softmax) runs at its real size.
+def test_bf16_full_size_features_track_fp32(name, precision):
+    # 224 px: the 3,136-token first T2T layer (Performer or softmax) runs at its real size, under
+    # bf16 autocast and as the explicit bf16 model of for_inference.
     torch.manual_seed(0)
     model = t2t_vit.create_model(name).eval()
     x = torch.randn(2, 3, 224, 224)
     with torch.inference_mode():
         fp32 = model.forward_features(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            bf16 = model.forward_features(x)
+        if precision == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                bf16 = model.forward_features(x)
+        else:
+            bf16 = for_inference(model).forward_features(x)
     assert_tracks_fp32(bf16, fp32)
 
 
@@ -252,17 +257,6 @@ def test_for_inference_casts_weights_once_and_keeps_performer_projection_fp32():
         out = model(x)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert casts == []  # no per-call weight casting
-
-
-@pytest.mark.parametrize("name", ["t2t_vit_14", "t2t_vit_t_14"])
-def test_for_inference_full_size_features_track_fp32(name):
-    torch.manual_seed(0)
-    model = t2t_vit.create_model(name).eval()
-    x = torch.randn(2, 3, 224, 224)
-    with torch.inference_mode():
-        fp32 = model.forward_features(x)
-        bf16 = for_inference(model).forward_features(x)
-    assert_tracks_fp32(bf16, fp32)
 
 
 @pytest.mark.e2e
