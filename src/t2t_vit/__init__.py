@@ -8,12 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 import timm
+from timm.models import split_model_name_tag
 
 from t2t_vit.checkpoint import (
     LoadReport, adapt_state_dict, load_checkpoint, model_from_checkpoint, read_checkpoint, read_metadata,
     read_state_dict, save_weights,
 )
-from t2t_vit.errors import T2TViTError
+from t2t_vit.errors import T2TViTError, did_you_mean
 from t2t_vit.model import T2TViT, set_fused_attn
 from t2t_vit.pretrained import from_pretrained, save_pretrained
 from t2t_vit.switchboard import attention_kernels, configure, for_inference, reference_formulation
@@ -52,12 +53,9 @@ def create_model(
             save_pretrained directory).
         **kwargs: any :class:`T2TViT` argument, e.g. ``stem="small"``, ``drop_path_rate=0.1``.
     """
-    arch = name.split(".", 1)[0]
+    arch, _ = split_model_name_tag(name)
     if arch not in VARIANTS:
-        import difflib
-
-        close = difflib.get_close_matches(arch, list(VARIANTS), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; see `t2t-vit profile --all` for the list"
+        hint = did_you_mean(arch, VARIANTS) or "; see `t2t-vit profile --all` for the list"
         raise T2TViTError(f"unknown model {name!r}{hint}")
     if "." in name and name not in timm.list_pretrained(arch + ".*"):
         tags = ", ".join(timm.list_pretrained(arch + ".*")) or "none"

@@ -1,8 +1,10 @@
 """The one exception type users see: the CLI prints it as one line and exits with code 2."""
 from __future__ import annotations
 
+import difflib
 import importlib
 from types import ModuleType
+from typing import Iterable
 
 
 class T2TViTError(Exception):
@@ -33,3 +35,9 @@ def require(module: str, extra: str, purpose: str) -> ModuleType:
             f"{purpose} needs the optional package {module!r}, which is not installed; "
             f"install it with: pip install 't2t-vit[{extra}]'"
         ) from err
+
+
+def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
+    """``"; did you mean a, b?"`` for the closest of ``choices`` to ``word``, or ``""`` when none is close."""
+    close = difflib.get_close_matches(str(word), list(choices), n=n)
+    return f"; did you mean {', '.join(close)}?" if close else ""
