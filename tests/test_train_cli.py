@@ -114,6 +114,9 @@ def test_config_values_follow_the_field_types():
     (["--model-kwargs", "[" * 20000 + "]" * 20000], "nests lists or mappings too deeply"),
     (["--config", "TMP/deep.yaml"], "nests lists or mappings too deeply"),
     (["--output", "TMP/\udcff\udcfe"], "is not valid UTF-8"),  # how Python passes the bytes ff fe
+    # item 4: a missing path never falls back to the shipped recipe of the same name
+    (["--config", "./typo/imagenet_t2t_vit_7.yml"], "config file './typo/imagenet_t2t_vit_7.yml' does not exist"),
+    (["--config", "digits.yaml"], "config file 'digits.yaml' does not exist"),
 ])
 def test_bad_values_are_one_line(argv, needle, tmp_path, capsys):
     from t2t_vit.cli import main
