@@ -212,3 +212,46 @@ def test_symlink_loop_is_not_followed(tmp_path, caplog):
     assert len(b.train) == 7 and len(b.val) == 6  # 3 + 3 + the outside image
     assert sorted(os.path.basename(p) for p, _ in b.skipped) == ["dup.png", "loop", "up"]
     assert all("not followed" in reason for _, reason in b.skipped)
+
+
+def _tree(root: Path, classes=("c0", "c1", "c2"), per_class=4) -> None:
+    for split in ("train", "val"):
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / split / cls / f"{i}.png")
+
+
+def test_class_folders_linked_into_the_tree_are_not_classes(tmp_path, caplog):
+    """Issue 23 item 5: `ln -s c0 train/c3; ln -s . train/c4` made 5 classes and counted images twice."""
+    root = tmp_path / "tree"
+    _tree(root)
+    (root / "train" / "c3").symlink_to("c0")
+    (root / "train" / "c4").symlink_to(".")
+    outside = tmp_path / "outside"
+    _tree(outside, classes=("c0",), per_class=2)
+    (root / "train" / "c5").symlink_to(outside / "train" / "c0")  # outside the tree: a real class ...
+    (root / "val" / "c5").symlink_to(outside / "val" / "c0")
+    (root / "train" / "c6").symlink_to(outside / "train" / "c0")  # ... once: the second link is a copy
+    with caplog.at_level(logging.WARNING, logger="t2t_vit.data"):
+        b = create_datasets(str(root), 8, None)
+    assert b.class_names == ["c0", "c1", "c2", "c5"]
+    assert len(b.train) == 3 * 4 + 2 and len(b.val) == 3 * 4 + 2
+    assert len({os.path.realpath(p) for p, _ in b.train.samples}) == len(b.train)  # each image once
+    named = {os.path.basename(p): reason for p, reason in b.skipped}
+    assert set(named) == {"c3", "c4", "c6"} and all("not a class" in r for r in named.values())
+    assert "c3" in caplog.text and "c4" in caplog.text
+
+
+def test_only_regular_files_are_opened(tmp_path, caplog):
+    """Issue 23 item 7: a FIFO named zz.png hung the scan (and predict/visualize) forever."""
+    root = tmp_path / "tree"
+    _tree(root, classes=("a", "b"), per_class=2)
+    os.mkfifo(root / "train" / "a" / "zz.png")
+    with caplog.at_level(logging.WARNING, logger="t2t_vit.data"):
+        b = create_datasets(str(root), 8, None)  # before the fix: blocked in open() forever
+    assert len(b.train) == 4
+    assert [(os.path.basename(p), r) for p, r in b.skipped] == [("zz.png", "not a regular file (not opened)")]
+    with pytest.raises(ValueError, match="not a regular file"):
+        load_image(str(root / "train" / "a" / "zz.png"))
+    assert check_image(str(root / "train" / "a" / "zz.png")) == "not a regular file (not opened)"

@@ -101,16 +101,46 @@ def test_config_values_follow_the_field_types():
     (["--img-size", "100000"], "--img-size must be at most 4096"),
     (["--model-kwargs", "{a: &x [1, 1], b: *x}"], "aliases"),
     (["--data", "TMP/no_val"], "has no val/ folder"),  # a data error leaves no run directory
+    # issue 23, item 12: each of these was a traceback (or, for --lr, a run with a nonsense rate)
+    (["--log-every", "0"], "--log-every must be positive"),
+    (["--seed", "100000000000000000000000"], "--seed must be in [0, 4294967295]"),
+    (["--device", "bogus"], "--device 'bogus' is not a device"),
+    (["--smoothing", "5"], "--smoothing must be in [0, 1)"),
+    (["--num-classes", "3"], "--num-classes 3 is fewer than the 10 classes of digits"),
+    (["--model-kwargs", "{embed_dim: -4}"], "cannot build t2t_vit_7"),
+    (["--model-kwargs", "{num_heads: 7}"], "is not divisible by 7 heads"),
+    (["--opt", "sgd", "--momentum", "0"], "--opt sgd is Nesterov SGD, which needs --momentum above 0"),
+    (["--lr", "1e300"], "--lr must be in [0, 10.0]"),
+    (["--model-kwargs", "[" * 20000 + "]" * 20000], "nests lists or mappings too deeply"),
+    (["--config", "TMP/deep.yaml"], "nests lists or mappings too deeply"),
+    (["--output", "TMP/\udcff\udcfe"], "is not valid UTF-8"),  # how Python passes the bytes ff fe
+    # item 4: a missing path never falls back to the shipped recipe of the same name
+    (["--config", "./typo/imagenet_t2t_vit_7.yml"], "config file './typo/imagenet_t2t_vit_7.yml' does not exist"),
+    (["--config", "digits.yaml"], "config file 'digits.yaml' does not exist"),
 ])
 def test_bad_values_are_one_line(argv, needle, tmp_path, capsys):
     from t2t_vit.cli import main
 
     (tmp_path / "no_val" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "deep.yaml").write_text("model_kwargs: " + "[" * 20000 + "]" * 20000 + "\n")
     argv = [a.replace("TMP", str(tmp_path)) for a in argv]
     out = tmp_path / "never"
     assert main(["train", "--output", str(out), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["deep.yaml", "no_val"]  # no run directory left behind
+
+
+@pytest.mark.parametrize("variable, value", [("WORLD_SIZE", "-1"), ("WORLD_SIZE", "0"), ("RANK", "abc"),
+                                             ("RANK", "3")])
+def test_bad_torchrun_environment_is_one_line(variable, value, tmp_path, capsys, monkeypatch):
+    from t2t_vit.cli import main
+
+    monkeypatch.setenv(variable, value)
+    out = tmp_path / "never"
+    assert main(["train", "--output", str(out), "--max-steps", "1", *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{variable}" in err and len(err.splitlines()) == 1, err
     assert not out.exists()
 
 

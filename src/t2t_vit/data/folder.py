@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,12 +50,27 @@ def _size_reason(img: Image.Image, max_pixels: int) -> str | None:
     return None
 
 
+NOT_REGULAR = "not a regular file (not opened)"
+
+
+def _regular_file_reason(path: str) -> str | None:
+    """Why ``path`` must not be opened: a FIFO blocks ``open`` forever, a device never ends."""
+    try:
+        mode = os.stat(path).st_mode  # stat, not open: it never blocks
+    except OSError:
+        return None  # open() reports it with its usual error
+    return None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else NOT_REGULAR
+
+
 def check_image(path: str, verify: str = "header", max_pixels: int = MAX_IMAGE_PIXELS) -> str | None:
     """Return why ``path`` cannot be used, or ``None`` if it looks like a usable image.
 
     ``header``: PIL parses the header (format, size) and JPEG/PNG files must end with their end
     marker (catches truncated files without decoding); ``full``: decodes the whole image.
     """
+    reason = _regular_file_reason(path)
+    if reason:
+        return reason
     try:
         with open(path, "rb") as f:
             img = Image.open(f)  # header only; PIL's own bomb warning is muted by scan_split
@@ -93,6 +109,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def load_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode ``path`` fully as an EXIF-upright RGB image; raises ``OSError``/``ValueError`` if bad."""
+    reason = _regular_file_reason(path)
+    if reason:
+        raise ValueError(reason)
     with open(path, "rb") as f, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         img = Image.open(f)
@@ -154,20 +173,43 @@ def _list_split(split_dir: Path) -> tuple[list[str], list[tuple[str, int]], list
         entries = sorted(os.scandir(split_dir), key=lambda e: e.name)
     except OSError as e:
         raise T2TViTError(f"cannot read {split_dir}: {e.strerror or e}.") from e
-    classes = [e.name for e in entries if not e.name.startswith(".") and e.is_dir()]
-    skipped = [(e.path, "image outside a class folder") for e in entries
-               if _is_image(e.name) and not e.is_dir()]
+    tree = os.path.realpath(split_dir)
+    classes, skipped = _class_folders(entries, tree)
+    skipped += [(e.path, "image outside a class folder") for e in entries if _is_image(e.name) and not e.is_dir()]
     files: list[tuple[str, int]] = []
     for label, name in enumerate(classes):
         class_dir = os.path.join(split_dir, name)
         errors: list[OSError] = []
-        found, links = _walk_class(class_dir, os.path.realpath(split_dir), errors)
+        found, links = _walk_class(class_dir, tree, errors)
         skipped += links
         skipped += [(e.filename or class_dir, f"unreadable folder ({e.strerror or e})") for e in errors]
         if not found and not errors:
             skipped.append((class_dir, "empty class folder (no image files)"))
         files += [(p, label) for p in found]
     return classes, files, skipped
+
+
+def _class_folders(entries: list[os.DirEntry], tree: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """Class names, and the linked folders that are no class: a link into the split tree (``c3 -> c0``,
+    ``c4 -> .``) or a second link to a folder already taken would count the same images again under
+    another label. A link to a folder outside the tree is a class like any other."""
+    classes: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    taken: dict[tuple[int, int] | str, str] = {}
+    for e in entries:
+        if e.name.startswith(".") or not e.is_dir():
+            continue
+        real = os.path.realpath(e.path)
+        if e.is_symlink() and _inside(real, tree):
+            skipped.append((e.path, "link into the data tree (not a class; not followed)"))
+            continue
+        identity = _identity(e.path)
+        if identity in taken:
+            skipped.append((e.path, f"same folder as class {taken[identity]!r} (not a class; not followed)"))
+            continue
+        taken[identity] = e.name
+        classes.append(e.name)
+    return classes, skipped
 
 
 def _inside(path: str, tree: str) -> bool:
@@ -200,7 +242,7 @@ def _walk_class(class_dir: str, tree: str, errors: list[OSError]) -> tuple[list[
         dirnames[:] = keep
         for name in sorted(f for f in filenames if _is_image(f)):
             path = os.path.join(dirpath, name)
-            reason = _link_reason(path, tree)
+            reason = _link_reason(path, tree) or _regular_file_reason(path)
             if reason:
                 skipped.append((path, reason))
             else:

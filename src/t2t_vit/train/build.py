@@ -59,6 +59,8 @@ def build(cfg: TrainConfig, world: World, log: Callable[[str], None]) -> Parts:
         raise T2TViTError(f"the training set has {len(bundle.train)} images, fewer than one optimizer step needs "
                           f"({cfg.batch_size} × {world.size} processes × {cfg.accum_steps} accumulation steps)")
     num_classes = cfg.num_classes or bundle.num_classes
+    if num_classes < bundle.num_classes:
+        raise T2TViTError(f"--num-classes {num_classes} is fewer than the {bundle.num_classes} classes of {cfg.data}")
     mixup = recipe.build_mixup(cfg, num_classes)
     if mixup is not None and cfg.batch_size % 2:
         raise T2TViTError(f"mixup/cutmix need an even --batch-size, got {cfg.batch_size}")

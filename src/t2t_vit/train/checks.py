@@ -21,6 +21,8 @@ from t2t_vit.errors import T2TViTError
 MAX_YAML_BYTES = 1 << 20  # a recipe is a few hundred bytes; anything near this is not a recipe
 MAX_IMG_SIZE = 4096  # pixels per side; the paper trains at 224 and fine-tunes at 384
 MAX_BATCH_SIZE = 1 << 16
+MAX_LR = 10.0  # far above any recipe (SGD on ImageNet uses ~0.1-5); larger is a typo, not a schedule
+MAX_SEED = 2**32 - 1  # NumPy's seed range
 PRETRAINED_TAG_SEPARATOR = "."
 
 
@@ -42,6 +44,8 @@ def read_yaml(text: str | bytes, source: str) -> Any:
         return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         raise T2TViTError(f"{source} is not valid YAML: {' '.join(str(err).split())}") from err
+    except RecursionError as err:  # thousands of nested brackets: the parser recurses once per level
+        raise T2TViTError(f"{source} nests lists or mappings too deeply to be a training recipe") from err
 
 
 # ---- types ------------------------------------------------------------------------------------------
@@ -102,7 +106,7 @@ def _type_word(kind: type) -> str:
 
 
 # ---- numbers -------------------------------------------------------------------------------------------
-POSITIVE = ("lr", "batch_size", "epochs", "accum_steps")
+POSITIVE = ("lr", "batch_size", "epochs", "accum_steps", "log_every", "nonfinite_patience")
 POSITIVE_OR_NONE = ("max_steps", "save_every_steps", "threads", "num_classes", "clip_grad")
 NOT_NEGATIVE = ("min_lr", "warmup_lr", "weight_decay", "warmup_epochs", "cooldown_epochs", "drop_path", "smoothing",
                 "mixup", "cutmix", "re_prob", "workers", "body_lr_scale", "distill_tau", "momentum",
@@ -125,13 +129,33 @@ def check_numbers(cfg: Any) -> None:
         raise T2TViTError(f"--batch-size must be at most {MAX_BATCH_SIZE}, got {cfg.batch_size}")
     _check_img_size(cfg.img_size)
     for name, low, high, closed in (("drop_path", 0, 1, False), ("distill_alpha", 0, 1, True),
-                                    ("ema_decay", 0, 1, False)):
+                                    ("ema_decay", 0, 1, False), ("smoothing", 0, 1, False),
+                                    ("lr", 0, MAX_LR, True), ("min_lr", 0, MAX_LR, True),
+                                    ("warmup_lr", 0, MAX_LR, True), ("seed", 0, MAX_SEED, True)):
         value = getattr(cfg, name)
         if not (low <= value <= high if closed else low <= value < high):
             raise T2TViTError(f"{flag(name)} must be in [{low}, {high}{']' if closed else ')'}, got {value}")
     _choice("precision", cfg.precision, ("fp32", "bf16", "fp16"))
     _choice("opt", cfg.opt, ("adamw", "sgd", "adam", "lamb", "momentum"))
     _choice("distill", cfg.distill, ("soft", "hard"))
+    if cfg.opt == "sgd" and cfg.momentum == 0:
+        raise T2TViTError("--opt sgd is Nesterov SGD, which needs --momentum above 0; for plain SGD use "
+                          "--opt momentum --momentum 0")
+    _check_device(cfg.device)
+
+
+def _check_device(device: str) -> None:
+    """'auto', or a device torch knows and this machine has."""
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError) as err:
+        raise T2TViTError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from err
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise T2TViTError(f"--device {device} asks for a GPU, but CUDA is not available here; use --device cpu")
 
 
 def _check_img_size(img_size: Any) -> None:
@@ -151,7 +175,17 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 # ---- paths ---------------------------------------------------------------------------------------------
+PATH_FIELDS = ("data", "output", "resume", "finetune", "teacher", "teacher_checkpoint")
+
+
 def check_paths(cfg: Any) -> None:
+    for name in PATH_FIELDS:  # they are written into config.yaml and the checkpoints' metadata
+        value = getattr(cfg, name)
+        try:
+            if value is not None:
+                value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise T2TViTError(f"{flag(name)} {value!r} is not valid UTF-8; choose a path whose name is") from err
     if cfg.data not in BUILTIN and not os.path.exists(cfg.data):
         raise T2TViTError(f"data path {cfg.data!r} does not exist (use --data digits for the built-in demo data)")
     if cfg.finetune is not None and not os.path.isfile(cfg.finetune) and pretrained_tag(cfg.finetune) is None:

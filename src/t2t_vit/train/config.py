@@ -139,13 +139,20 @@ def check_keys(values: dict[str, Any], source: str) -> None:
 
 
 def recipe_path(name_or_path: str) -> str:
-    """A recipe file path: an existing file, or the name of a recipe shipped in ``t2t_vit/configs``."""
+    """A recipe file path: an existing file, or the bare name of a recipe shipped in ``t2t_vit/configs``.
+
+    Anything that looks like a path (a folder separator or a YAML suffix) must exist: a typo in a path
+    must not quietly train the shipped recipe of the same name.
+    """
     if os.path.isfile(name_or_path):
         return name_or_path
-    shipped = resources.files("t2t_vit") / "configs" / (Path(name_or_path).stem + ".yaml")
-    if shipped.is_file():
+    shipped = resources.files("t2t_vit") / "configs" / (name_or_path + ".yaml")
+    looks_like_path = any(sep and sep in name_or_path for sep in (os.sep, os.altsep, "/")) or \
+        name_or_path.lower().endswith((".yml", ".yaml"))
+    if not looks_like_path and shipped.is_file():
         return str(shipped)
-    raise T2TViTError(f"config file {name_or_path!r} does not exist; shipped recipes: {', '.join(list_recipes())}")
+    raise T2TViTError(f"config file {name_or_path!r} does not exist; shipped recipes (by bare name): "
+                      f"{', '.join(list_recipes())}")
 
 
 def list_recipes() -> list[str]:

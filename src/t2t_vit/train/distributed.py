@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from t2t_vit.errors import T2TViTError
+
 
 @dataclass
 class World:
@@ -30,8 +32,9 @@ def init_world(device: str = "auto") -> World:
 
     NCCL on GPUs, gloo on CPU. Each process uses the GPU of its ``LOCAL_RANK``.
     """
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    size, rank, local_rank = _env_int("WORLD_SIZE", 1, 1), _env_int("RANK", 0, 0), _env_int("LOCAL_RANK", 0, 0)
+    if rank >= size:
+        raise T2TViTError(f"the environment variable RANK={rank} must be below WORLD_SIZE={size}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -42,6 +45,19 @@ def init_world(device: str = "auto") -> World:
     if size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return World(rank=rank, size=size, local_rank=local_rank, device=dev)
+
+
+def _env_int(name: str, default: int, low: int) -> int:
+    """A whole number >= ``low`` from torchrun's environment; a bad value is one line, not a traceback."""
+    text = os.environ.get(name, "").strip() or str(default)
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if value < low:
+        raise T2TViTError(f"the environment variable {name}={text!r} must be a whole number >= {low} "
+                          "(torchrun sets it; unset it for a single process)")
+    return value
 
 
 def close_world(world: World) -> None:

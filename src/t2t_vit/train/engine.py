@@ -83,6 +83,11 @@ class Run:
                 self.train_epoch()
                 if c.position >= parts.batches or self.done():
                     self.end_epoch()
+            if not c.history or c.history[-1]["step"] != c.step:
+                # resumed from a checkpoint written just before a final evaluation that never finished
+                self.log.line(f"the evaluation after step {c.step} did not complete before the run stopped; "
+                              "evaluating now")
+                self.end_epoch()
         finally:
             if self.tb is not None:
                 self.tb.close()
@@ -230,11 +235,12 @@ class Run:
             self.save("checkpoint-best", with_state=False)
 
     def write_epoch_files(self, row: dict[str, Any]) -> None:
-        if self.tb is None:
+        if not self.world.is_main:
             return
-        for key in ("train_loss", "val_loss", "val_top1", "val_top5", "ema_val_top1"):
-            if row[key] is not None:
-                self.tb.add_scalar(key.replace("_", "/", 1), row[key], self.counters.step)
+        if self.tb is not None:  # TensorBoard is optional; history.csv and curves.png are not
+            for key in ("train_loss", "val_loss", "val_top1", "val_top5", "ema_val_top1"):
+                if row[key] is not None:
+                    self.tb.add_scalar(key.replace("_", "/", 1), row[key], self.counters.step)
         report.write_history(self.out, self.counters.history)
         report.plot_curves(self.out, self.counters.history)
 

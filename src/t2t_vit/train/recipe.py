@@ -36,8 +36,11 @@ def build_model(cfg: TrainConfig, num_classes: int, name: str | None = None, kwa
             kwargs.setdefault("stem", cfg.stem)
         if cfg.img_size is not None:
             kwargs.setdefault("img_size", cfg.img_size)
-        return t2t_vit.create_model(pretrained or name, pretrained=bool(pretrained), num_classes=num_classes,
-                                    **kwargs)
+        try:
+            return t2t_vit.create_model(pretrained or name, pretrained=bool(pretrained), num_classes=num_classes,
+                                        **kwargs)
+        except (TypeError, ValueError, RuntimeError) as err:  # e.g. {num_heads: 7} on a width of 256
+            raise T2TViTError(f"cannot build {name} with {kwargs}: {' '.join(str(err).split())}") from err
     pretrained_cfg = timm.models.get_pretrained_cfg(name)
     if cfg.img_size is not None and pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
         kwargs.setdefault("img_size", cfg.img_size)

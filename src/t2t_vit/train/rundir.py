@@ -22,6 +22,26 @@ try:  # POSIX advisory locks; where there are none (Windows) runs are not locked
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
+# An flock belongs to the open file, which forked children (DataLoader workers) share: they would
+# hold a SIGKILLed trainer's lock until they notice their parent is gone. Each child closes its copy
+# right after the fork, so the lock lives exactly as long as the trainer.
+_HELD_FDS: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    if not _HELD_FDS:
+        return
+    with contextlib.suppress(OSError):
+        null = os.open(os.devnull, os.O_RDONLY)
+        for fd in _HELD_FDS:  # /dev/null in its place: the child's file object may still close it later
+            os.dup2(null, fd)
+        os.close(null)
+    _HELD_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
+
 
 def shared_output(cfg: TrainConfig, world: World) -> str:
     """The output dir, decided once by rank 0 (timestamps could differ between ranks)."""
@@ -54,18 +74,22 @@ def lock_output(out: str) -> Iterator[None]:
         handle = open(os.path.join(out, LOCK_NAME), "a+")
     except OSError as err:
         raise T2TViTError(f"cannot write to output directory {out}: {err.strerror or err}") from err
+    fd = handle.fileno()
     try:
         _acquire(handle, out)
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
         handle.flush()
+        _HELD_FDS.add(fd)
         yield
     except BaseException:
+        _HELD_FDS.discard(fd)
         handle.close()
         if created:
             _remove_if_only_lock(out)
         raise
+    _HELD_FDS.discard(fd)
     handle.close()
 
 
