@@ -33,7 +33,8 @@ from t2t_vit.reading import (  # noqa: F401 (re-exported)
     torch_load_safe,
 )
 from t2t_vit.storage import EMA_PREFIX, save_weights  # noqa: F401 (re-exported)
-from t2t_vit.variants import VARIANTS, checkpoint_filter_fn, likely_variants  # noqa: F401 (re-exported)
+from t2t_vit.table import VARIANTS
+from t2t_vit.variants import checkpoint_filter_fn, likely_variants  # noqa: F401 (re-exported)
 
 FORMAT = "t2t-vit"
 MAX_PARAMS = 2_000_000_000  # a checkpoint's metadata may not ask for a larger model than this
