@@ -19,6 +19,7 @@ from t2t_vit.adapting import LoadReport, adapt_state_dict, check_fit
 from t2t_vit.errors import T2TViTError
 from t2t_vit.hub import load_released
 from t2t_vit.model import T2TViT
+from t2t_vit.modelguard import check_budget, names_a_source, screen_arguments
 from t2t_vit.reading import is_safetensors, read_metadata, resolve_path, select_state_dict
 from t2t_vit.table import VARIANTS
 
@@ -42,6 +43,7 @@ class Release:
     img_size: int = 224
     num_classes: int = 1000
     size: int | None = None  # bytes, where a public source lists it
+    digest: str | None = None  # "algorithm:hex", where a public source lists it
     eval: dict[str, Any] = field(default_factory=dict)
 
 
@@ -50,7 +52,9 @@ RELEASES: dict[str, Release] = {r.tag: r for r in [
     Release("t2t_vit_7.in1k", "71.7_T2T_ViT_7.pth.tar", 71.7),
     Release("t2t_vit_10.in1k", "75.2_T2T_ViT_10.pth.tar", 75.2),
     Release("t2t_vit_12.in1k", "76.5_T2T_ViT_12.pth.tar", 76.5),
-    Release("t2t_vit_14.in1k", "81.5_T2T_ViT_14.pth.tar", 81.5, size=86_212_823),  # OpenVINO model zoo
+    Release("t2t_vit_14.in1k", "81.5_T2T_ViT_14.pth.tar", 81.5, size=86_212_823,  # OpenVINO model zoo's model.yml
+            digest="sha384:98c8ae06a1e9997f3e83ad2dfbac49985bf7bd7723eb64e4b8462338163be026"
+                   "57998f0bd9f8997367417003caeaf7a1"),
     Release("t2t_vit_14.in1k_384", "83.3_T2T_ViT_14.pth.tar", 83.3, img_size=384),
     Release("t2t_vit_19.in1k", "81.9_T2T_ViT_19.pth.tar", 81.9),
     Release("t2t_vit_24.in1k", "82.3_T2T_ViT_24.pth.tar", 82.3),
@@ -141,12 +145,27 @@ def _source_is_url(cfg: Mapping[str, Any]) -> bool:
                                          or cfg.get("source") in ("hf-hub", "local-dir"))
 
 
+def _screen_local_source(variant: str, cfg: Mapping[str, Any], kwargs: Mapping[str, Any], pretrained: bool) -> None:
+    """A folder or file timm hands us (``local-dir:``, ``pretrained_cfg_overlay=dict(file=...)``)
+    is checked as :func:`t2t_vit.model_from_checkpoint` checks one: the arguments its config.json
+    gave (timm passes them as ``pretrained_model_args``) and its metadata's ``model_kwargs`` may
+    not choose a source, a file or a device, nor a model over the size limit."""
+    stored = kwargs.get("pretrained_model_args")
+    where = cfg.get("file") or "config.json"
+    if isinstance(stored, Mapping):
+        screen_arguments(variant, stored, where)
+        check_budget(variant, {k: v for k, v in kwargs.items() if not names_a_source(k)}, where)
+    if pretrained and cfg.get("file"):
+        read_metadata(resolve_path(cfg["file"]))  # validates (and screens) before timm reads the weights
+
+
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> T2TViT:
     tag = kwargs.get("pretrained_cfg")
     if isinstance(tag, str) and tag.startswith("tl_") and "token_label_head" in inspect.signature(T2TViT).parameters:
         kwargs.setdefault("token_label_head", True)  # Token Labeling checkpoints carry an aux head
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=tag, pretrained_cfg_overlay=kwargs.get(
         "pretrained_cfg_overlay")).to_dict()
+    _screen_local_source(variant, cfg, kwargs, pretrained)
     download = pretrained and _source_is_url(cfg)
     if pretrained and not download and not cfg.get("url") and not (cfg.get("file") or cfg.get("state_dict")):
         raise T2TViTError(f"no released weights for {variant}; pass checkpoint_path= (or pretrained_cfg_overlay="
@@ -160,7 +179,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> T2TViT:
         release = RELEASES.get(f"{variant}.{cfg.get('tag')}")
         target = getattr(model, "model", model)  # (a features_only wrapper keeps the net elsewhere)
         load_released(target, model.pretrained_cfg, guess=_guess, size=release.size if release else None,
-                      folder=kwargs.get("cache_dir"))
+                      digest=release.digest if release else None, folder=kwargs.get("cache_dir"))
     return model
 
 
