@@ -215,3 +215,48 @@ def test_release_digest_is_checked_on_download_and_on_every_use(monkeypatch, ser
 def test_the_one_published_digest_is_recorded():
     assert variants.RELEASES["t2t_vit_14.in1k"].digest.startswith("sha384:98c8ae06a1e9997f")
     assert len(variants.RELEASES["t2t_vit_14.in1k"].digest) == len("sha384:") + 96
+
+
+# ---- item 6: NaN and Inf weights are refused at load -------------------------------------------
+def honest(tmp_path: Path, model: torch.nn.Module | None = None, name: str = "ok.safetensors") -> Path:
+    meta = dict(format="t2t-vit", model="t2t_vit_7", model_kwargs={"img_size": 32, "stem": "small"}, num_classes=10)
+    return save_weights(model if model is not None else small(), tmp_path / name, metadata=meta)
+
+
+def image(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    path = tmp_path / "img.png"
+    Image.new("RGB", (40, 40), (120, 30, 200)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, capsys, bad):
+    model = small()
+    with torch.no_grad():
+        model.blocks[1].mlp.fc2.weight[3, 5] = bad
+    path = honest(tmp_path, model)
+    with pytest.raises(T2TViTError) as err:
+        model_from_checkpoint(path)
+    one_line(err, "blocks.1.mlp.fc2.weight holds 1 NaN or Inf values")
+    assert cli.main(["predict", str(image(tmp_path)), "--checkpoint", str(path), "--json"]) == 2
+    out, err_text = capsys.readouterr()
+    assert "NaN" not in out and err_text.count("\n") == 1 and "blocks.1.mlp.fc2.weight" in err_text
+    authors = tmp_path / "authors.pth.tar"
+    authors.write_bytes(authors_file(model))
+    with pytest.raises(T2TViTError, match="blocks.1.mlp.fc2.weight holds"):
+        timm.create_model("t2t_vit_7", pretrained=True, pretrained_cfg_overlay=dict(file=str(authors)), **SMALL)
+
+
+def test_non_finite_logits_never_reach_the_output(tmp_path):
+    """Weights changed after loading (or a precision that overflows): the inference object stops
+    with one line instead of returning NaN probabilities."""
+    from t2t_vit import inference
+
+    clf = inference.load(checkpoint=honest(tmp_path))
+    with torch.no_grad():
+        clf.model.head.bias.fill_(float("nan"))
+    with pytest.raises(T2TViTError) as err:
+        list(clf.classify_files([image(tmp_path)]))
+    one_line(err, "NaN or Inf logits")

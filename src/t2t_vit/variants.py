@@ -15,7 +15,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from torch import nn
 
-from t2t_vit.adapting import LoadReport, adapt_state_dict, check_fit
+from t2t_vit.adapting import LoadReport, adapt_state_dict, check_finite, check_fit
 from t2t_vit.errors import T2TViTError
 from t2t_vit.hub import load_released
 from t2t_vit.model import T2TViT
@@ -130,6 +130,7 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
         meta = read_metadata(path) if is_safetensors(path) else {}
     where = str(file or "<state dict>")
     chosen, source = select_state_dict(state_dict, None, where, preferred=meta.get("preferred", "ema"))
+    check_finite(chosen, where)
     adapted, report = adapt_state_dict(chosen, model, meta, LoadReport(path=where, source=source))
     check_fit(report, adapted, model, strict=True, new_head=True, guess=_guess)
     return adapted
