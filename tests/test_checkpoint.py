@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,7 +228,7 @@ def test_pickle_payload_refused_and_never_runs(tmp_path, zipfile):
                     lambda: read_state_dict(path), lambda: convert(path, tmp_path / "out.safetensors")):
         with pytest.raises(T2TViTError, match=r"refusing to load .*could run code \(.*open.*\)"):
             attempt()
-    with pytest.raises(RuntimeError):  # timm's own reader is weights-only too
+    with pytest.raises(T2TViTError, match="refusing to load"):  # a file timm hands us is read by our reader first
         timm.create_model("t2t_vit_7", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **SMALL)
     assert not target.exists()
 
@@ -330,6 +331,34 @@ def test_no_import_cycle_in_src():
     loading = ["t2t_vit.reading", "t2t_vit.metadata", "t2t_vit.adapting", "t2t_vit.checkpoint", "t2t_vit.hub",
                "t2t_vit.variants", "t2t_vit.pretrained", "t2t_vit.storage"]
     assert [m for m in loading if reaches(m, m, set())] == []
+
+
+CORE = {"t2t_vit.layers", "t2t_vit.t2t", "t2t_vit.blocks", "t2t_vit.model", "t2t_vit.switchboard",
+        "t2t_vit.table", "t2t_vit.errors"}
+
+
+def test_core_modules_import_only_the_core():
+    """docs/architecture.md: the core (the paper's modules and the model table) imports nothing
+    outside it, so the table can be read without the loading ring (downloads, timm registration)."""
+    import ast
+
+    src = Path(__file__).resolve().parents[1] / "src" / "t2t_vit"
+    outside = {}
+    for module in sorted(CORE):
+        tree = ast.parse((src / (module.split(".")[1] + ".py")).read_text())
+        deps = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+                and node.module.startswith("t2t_vit")}
+        deps |= {f"t2t_vit.{a.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                 and node.module == "t2t_vit" for a in node.names}
+        deps |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names
+                 if a.name.startswith("t2t_vit")}
+        deps.discard("t2t_vit")
+        if deps - CORE:
+            outside[module] = sorted(deps - CORE)
+    assert outside == {}
+    from t2t_vit.table import VARIANTS
+    from t2t_vit.variants import VARIANTS as registered
+    assert registered is VARIANTS and set(VARIANTS) == set(t2t_vit.list_models())
 
 
 @pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14", "t2t_vit_c_14", "vit_s16"])

@@ -128,7 +128,7 @@ def test_every_tag_loads_through_loopback(monkeypatch, server, tag):
         pytest.skip("T2TViT has no token_label_head argument yet")
     torch.manual_seed(len(tag))
     ema = timm.create_model(tag, **SMALL).eval()
-    monkeypatch.setitem(variants.RELEASES, tag, dataclasses.replace(release, size=None))  # not the real file
+    monkeypatch.setitem(variants.RELEASES, tag, dataclasses.replace(release, size=None, digest=None))  # not the real file
     serve_tag(monkeypatch, server, tag, authors_bytes(ema, None, cifar="cifar" in tag, extra=extra))
     loaded = timm.create_model(tag, pretrained=True, **SMALL)
     assert loaded.num_classes == release.num_classes
@@ -304,7 +304,7 @@ def test_tag_loads_with_other_channels_and_classes(monkeypatch, server, tag):
     release = variants.RELEASES[tag]
     torch.manual_seed(3)
     ema = timm.create_model(tag, **SMALL).eval()
-    monkeypatch.setitem(variants.RELEASES, tag, dataclasses.replace(release, size=None))  # not the real file
+    monkeypatch.setitem(variants.RELEASES, tag, dataclasses.replace(release, size=None, digest=None))  # not the real file
     serve_tag(monkeypatch, server, tag, authors_bytes(ema, None))
     grey = timm.create_model(tag, pretrained=True, in_chans=1, num_classes=5, **SMALL).eval()
     headless = timm.create_model(tag, pretrained=True, in_chans=1, num_classes=0, **SMALL).eval()

@@ -58,7 +58,7 @@ BAD_METADATA = [
     (dict(model_kwargs=[1, 2]), "model_kwargs must be a mapping"),
     (dict(model_kwargs={**DEMO_KWARGS, "evil": 1}), "model_kwargs has arguments t2t_vit_7 does not take: evil"),
     (dict(model_kwargs={**DEMO_KWARGS, "depth": 100000}), "model_kwargs.depth=100000 is out of range"),
-    (dict(model_kwargs={**DEMO_KWARGS, "depth": 256, "embed_dim": 8192}), "over the 2,000,000,000 limit"),
+    (dict(model_kwargs={**DEMO_KWARGS, "depth": 256, "embed_dim": 8192}), "over the 1,000,000,000 limit"),
     (dict(num_classes="abc"), "num_classes is not valid JSON"),
     (dict(num_classes=1e11), "num_classes must be an integer"),
     (dict(class_names=5), "class_names must be a list of strings"),

@@ -242,9 +242,21 @@ def check_fit(report: LoadReport, state_dict: Mapping[str, Tensor], model: nn.Mo
         raise T2TViTError(mismatch_message(report, state_dict, model, guess))
 
 
+def check_finite(state_dict: Mapping[str, Tensor], path: str) -> None:
+    """Refuse weights holding NaN or Inf, naming the first such tensor: a model built from them
+    answers NaN for every input (predict printed bare ``NaN``, eval a silent ``loss nan``)."""
+    for key, value in state_dict.items():
+        if value.is_floating_point() or value.is_complex():
+            if not bool(torch.isfinite(value).all()):
+                bad = int((~torch.isfinite(value)).sum())
+                raise T2TViTError(f"{path}: tensor {key} holds {bad} NaN or Inf values (of {value.numel()}); "
+                                  "the checkpoint is corrupt or from a diverged run, refusing to load it")
+
+
 def load_adapted(model: nn.Module, state_dict: Mapping[str, Tensor], meta: Mapping[str, Any], report: LoadReport,
                  strict: bool = True, new_head: bool = True, guess: Guess | None = None) -> LoadReport:
     """Adapt ``state_dict`` to ``model``, check it with :func:`check_fit` and copy it in."""
+    check_finite(state_dict, report.path)
     adapted, report = adapt_state_dict(state_dict, model, meta, report)
     check_fit(report, adapted, model, strict=strict, new_head=new_head, guess=guess)
     bad = {k for k, _, _ in report.mismatched}

@@ -15,7 +15,6 @@ head/fit check lives.
 from __future__ import annotations
 
 import difflib
-import inspect
 import math
 import os
 from typing import Any, Mapping
@@ -27,16 +26,16 @@ from t2t_vit.adapting import (  # noqa: F401 (re-exported)
 )
 from t2t_vit.errors import T2TViTError
 from t2t_vit.metadata import check_img_size, check_model_name, validate_metadata  # noqa: F401
-from t2t_vit.model import T2TViT
+from t2t_vit.modelguard import base_name, check_budget, screen_arguments
 from t2t_vit.reading import (  # noqa: F401 (re-exported)
     SAFE_GLOBALS, WEIGHTS_NAME, read_checkpoint, read_metadata, read_state_dict, select_state_dict, split_ema,
     torch_load_safe,
 )
 from t2t_vit.storage import EMA_PREFIX, save_weights  # noqa: F401 (re-exported)
-from t2t_vit.variants import VARIANTS, checkpoint_filter_fn, likely_variants  # noqa: F401 (re-exported)
+from t2t_vit.table import VARIANTS
+from t2t_vit.variants import checkpoint_filter_fn, likely_variants  # noqa: F401 (re-exported)
 
 FORMAT = "t2t-vit"
-MAX_PARAMS = 2_000_000_000  # a checkpoint's metadata may not ask for a larger model than this
 _AUTHORS = ("authors", "authors-cifar", "state_dict", "unknown")
 
 
@@ -81,32 +80,15 @@ def checkpoint_model_name(meta: Mapping[str, Any], state_dict: Mapping[str, Tens
     raise T2TViTError(f"{path} does not say which model it holds; pass --model NAME")
 
 
-def _estimated_params(kwargs: Mapping[str, Any], variant: str) -> int:
-    """An upper-range parameter count of a T2T-ViT from its arguments, computed before building it."""
-    arch = {**VARIANTS[variant].arch, **kwargs}
-    dim, depth = int(arch.get("embed_dim", 384)), int(arch.get("depth", 14))
-    if arch.get("dense_stages"):
-        dim += int(arch.get("growth") or 0) * int(sum(arch["dense_stages"]))
-    hidden = int(arch.get("mlp_hidden_dim") or dim * float(arch.get("mlp_ratio", 3.0)))
-    size = arch.get("img_size", 224)
-    height, width = (size, size) if isinstance(size, int) else size
-    tokens = (int(height) // 4 + 1) * (int(width) // 4 + 1)  # the finest grid any stem gives
-    return depth * (4 * dim * dim + 2 * dim * hidden) + int(arch.get("num_classes", 1000)) * dim + tokens * dim
-
-
 def probe_model(name: str, kwargs: Mapping[str, Any], path: Any) -> None:
-    """Check that ``name`` is a registered model and, for a T2T-ViT, that the size the arguments
-    ask for is within :data:`MAX_PARAMS`, before anything is allocated."""
+    """Check that ``name`` is a registered model and that the size its arguments ask for is
+    within :data:`t2t_vit.modelguard.MAX_PARAMS`, before anything is allocated."""
     import timm
 
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models() + list(VARIANTS), n=3)
         raise T2TViTError(f"{path}: unknown model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
-    if name in VARIANTS:
-        count = _estimated_params(kwargs, name)
-        if count > MAX_PARAMS:
-            raise T2TViTError(f"{path}: the model it describes would have about {count:,} parameters, "
-                              f"over the {MAX_PARAMS:,} limit")
+    check_budget(name, kwargs, path)
 
 
 def create_checked(name: str, kwargs: Mapping[str, Any], path: Any) -> nn.Module:
@@ -135,18 +117,11 @@ def _authors_img_size(name: str, meta: Mapping[str, Any], state_dict: Mapping[st
     return side * (arch.get("patch_size", 16) if arch["tokenizer"] == "patch" else 16)  # imagenet stem: 4·2·2
 
 
-def _t2t_arguments() -> set[str]:
-    return set(inspect.signature(T2TViT).parameters) | {"pretrained_cfg", "pretrained_cfg_overlay"}
-
-
 def checkpoint_model_kwargs(name: str, meta: Mapping[str, Any], state_dict: Mapping[str, Tensor], path: Any,
                             overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Arguments that rebuild the checkpoint's model: its metadata, then ``overrides`` (None ignored)."""
     explicit = dict(meta.get("model_kwargs") or {})
-    if name in VARIANTS:
-        unknown = sorted(set(explicit) - _t2t_arguments())
-        if unknown:
-            raise T2TViTError(f"{path}: model_kwargs has arguments {name} does not take: {', '.join(unknown)}")
+    screen_arguments(name, explicit, path)  # the file's arguments: never a source, a file or a device
     kwargs = dict(explicit)
     kwargs.update({key: meta[key] for key in ("img_size", "stem", "num_classes") if meta.get(key) is not None})
     if meta.get("format") in _AUTHORS:
@@ -157,7 +132,7 @@ def checkpoint_model_kwargs(name: str, meta: Mapping[str, Any], state_dict: Mapp
             kwargs.setdefault("img_size", size)
     kwargs.update({key: value for key, value in overrides.items() if value is not None})
     kwargs.setdefault("num_classes", 1000)
-    if name not in VARIANTS:
+    if base_name(name) not in VARIANTS:
         # img_size/stem are T2T-ViT arguments; another timm model keeps only the ones it was built with
         for key in ("img_size", "stem"):
             if key not in explicit:

@@ -52,31 +52,49 @@ def _stream(url: str, tmp: Path, progress: bool) -> int:
     return received
 
 
-def _check(url: str, path: Path, size: int | None, sha256: str | None) -> None:
+def file_digest(path: Path, algorithm: str) -> str:
+    """The hex digest of ``path`` (``algorithm`` as :func:`hashlib.new` names it, e.g. ``sha384``)."""
+    digest = hashlib.new(algorithm)
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _digest_matches(path: Path, digest: str) -> bool:
+    algorithm, _, expected = digest.partition(":")
+    return file_digest(path, algorithm) == expected.lower()
+
+
+def _check(url: str, path: Path, size: int | None, digest: str | None) -> None:
     actual = path.stat().st_size
     if size is not None and actual != size:
         raise T2TViTError(f"could not download {url}: got {actual} bytes, the published file has {size} "
                           "(truncated or replaced); nothing was cached, try again")
-    if sha256:
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-        if not digest.hexdigest().startswith(sha256.lower()):
-            raise T2TViTError(f"could not download {url}: its SHA-256 does not match the published one; "
-                              "nothing was cached")
+    if digest and not _digest_matches(path, digest):
+        raise T2TViTError(f"could not download {url}: its {digest.partition(':')[0].upper()} does not match the "
+                          "published one (replaced or corrupted); nothing was cached")
 
 
-def download_cached(url: str, file_name: str | None = None, size: int | None = None, sha256: str | None = None,
+def _cached(path: Path, size: int | None, digest: str | None) -> bool:
+    """Whether the cached ``path`` is the published file; a copy that is not is downloaded again
+    (a digest is checked on every use, so a file planted in the cache is never loaded as the release)."""
+    if not path.is_file():
+        return False
+    if (size is None or path.stat().st_size == size) and (not digest or _digest_matches(path, digest)):
+        return True
+    _log.warning("%s is not the published file (size or digest differ): downloading it again", path)
+    return False
+
+
+def download_cached(url: str, file_name: str | None = None, size: int | None = None, digest: str | None = None,
                     progress: bool = False, folder: str | os.PathLike | None = None) -> Path:
     """The cached copy of ``url`` in ``folder`` (default :func:`cache_dir`), downloaded first if
-    absent (or of the wrong size)."""
+    absent or not the published file. ``digest`` is ``"sha384:<hex>"`` (any :mod:`hashlib` name)."""
     folder = Path(folder) if folder else cache_dir()
     path = folder / (file_name or os.path.basename(urlparse(url).path))
-    if path.is_file() and (size is None or path.stat().st_size == size):
+    if _cached(path, size, digest):
         return path
-    if path.is_file():
-        _log.warning("%s has %d bytes, not the published %d: downloading it again", path, path.stat().st_size, size)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=folder)
@@ -87,7 +105,7 @@ def download_cached(url: str, file_name: str | None = None, size: int | None = N
     try:
         _log.info("downloading %s to %s", url, path)
         _stream(url, tmp, progress)
-        _check(url, tmp, size, sha256)
+        _check(url, tmp, size, digest)
         os.replace(tmp, path)
     except urllib.error.HTTPError as err:
         raise T2TViTError(f"could not download {url}: HTTP {err.code} {err.reason}") from err
@@ -102,12 +120,12 @@ def download_cached(url: str, file_name: str | None = None, size: int | None = N
 
 
 def load_released(model: nn.Module, cfg: Mapping[str, Any], guess: Guess | None = None,
-                  size: int | None = None, sha256: str | None = None,
+                  size: int | None = None, digest: str | None = None,
                   folder: str | os.PathLike | None = None) -> LoadReport:
     """Download (once) the weights ``cfg["url"]`` names and load them into ``model`` (EMA preferred);
     ``folder`` replaces the cache folder (timm's ``cache_dir=``)."""
     url = cfg["url"]
-    path = download_cached(url, size=size, sha256=sha256, folder=folder)
+    path = download_cached(url, size=size, digest=digest, folder=folder)
     try:
         state_dict, source, meta = read_checkpoint(path)
     except T2TViTError as err:

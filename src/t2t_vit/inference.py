@@ -165,7 +165,11 @@ class Inference:
     def logits(self, batch: Tensor) -> Tensor:
         """fp32 logits of a preprocessed batch."""
         with self._context():
-            return self.model(batch.to(self.device, self.input_dtype)).float()
+            out = self.model(batch.to(self.device, self.input_dtype)).float()
+        if not bool(torch.isfinite(out).all()):  # never a bare NaN in predict's JSON or a silent nan score
+            raise T2TViTError(f"{self.description} produced NaN or Inf logits at {self.precision}; "
+                              "its weights or this precision overflow (try --precision fp32)")
+        return out
 
     def _top(self, logits: Tensor, topk: int) -> list[list[tuple[int, str, float]]]:
         k = max(1, min(topk, len(self.class_names)))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from t2t_vit.errors import T2TViTError
+from t2t_vit.modelguard import screen_arguments
 
 _log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ def check_model_kwargs(value: Any, path: Path | str = "<checkpoint>") -> dict[st
     """A mapping of argument names to JSON values, every size argument bounded."""
     if not isinstance(value, Mapping):
         raise _fail(path, f"model_kwargs must be a mapping of argument names to values, got {type(value).__name__}")
+    screen_arguments(None, value, path)  # no source, file or device, whatever the model
     out = {}
     for key, item in value.items():
         if not isinstance(key, str) or not key.isidentifier():

@@ -21,6 +21,7 @@ from t2t_vit.checkpoint import (
 from t2t_vit.checkpoint import model_from_checkpoint  # noqa: F401 (its former home)
 from t2t_vit.errors import T2TViTError
 from t2t_vit.metadata import check_data_config, check_model_kwargs, check_model_name
+from t2t_vit.modelguard import names_a_source
 
 CONFIG_NAME = "config.json"
 _DATA_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")
@@ -108,7 +109,8 @@ def from_pretrained(directory: str | os.PathLike, **overrides: Any) -> nn.Module
     kwargs = checkpoint_model_kwargs(name, meta, {}, config_file, overrides)
     saved_cfg = config.get("pretrained_cfg", {})
     saved = check_data_config({k: v for k, v in saved_cfg.items() if k in _DATA_KEYS}, config_file)
-    other = {k: v for k, v in saved_cfg.items() if k not in _DATA_KEYS and isinstance(v, (str, int, float, bool))}
+    other = {k: v for k, v in saved_cfg.items() if k not in _DATA_KEYS and isinstance(v, (str, int, float, bool))
+             and k != "state_dict" and not names_a_source(k)}  # the folder's own file is the only source
     cfg = {**other, **{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}}
     kwargs.setdefault("pretrained_cfg_overlay", cfg)
     model = create_checked(name, kwargs, config_file)

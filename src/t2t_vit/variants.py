@@ -1,10 +1,8 @@
-"""Every model of the paper as one row of a table, registered with timm.
+"""The model table (:mod:`t2t_vit.table`) registered with timm, and loading released weights.
 
-A row holds the architecture (keyword arguments of :class:`T2TViT`), the figures the paper
-reports, and — for the models the authors released — the params/MACs their code measures
-(the authors' code counted with ``torch.utils.flop_counter``). The README's model table and the
-profiler read this table; nothing else repeats these numbers. :data:`RELEASES` lists the
-authors' published checkpoints as timm pretrained tags (``t2t_vit_14.in1k`` ...).
+Every row of :data:`t2t_vit.table.VARIANTS` becomes a timm model; :data:`RELEASES` lists the
+authors' published checkpoints as timm pretrained tags (``t2t_vit_14.in1k`` ...), downloaded
+through :mod:`t2t_vit.hub`; :func:`checkpoint_filter_fn` adapts a file to a model for timm's loader.
 """
 from __future__ import annotations
 
@@ -17,99 +15,13 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from torch import nn
 
-from t2t_vit.adapting import LoadReport, adapt_state_dict, check_fit
+from t2t_vit.adapting import LoadReport, adapt_state_dict, check_finite, check_fit
 from t2t_vit.errors import T2TViTError
 from t2t_vit.hub import load_released
 from t2t_vit.model import T2TViT
+from t2t_vit.modelguard import check_budget, names_a_source, screen_arguments
 from t2t_vit.reading import is_safetensors, read_metadata, resolve_path, select_state_dict
-
-
-@dataclass(frozen=True)
-class Figures:
-    """Params (millions), GMACs and ImageNet top-1 (%) at 224 px; None where not reported."""
-
-    params_m: float | None = None
-    gmacs: float | None = None
-    top1: float | None = None
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    arch: dict[str, Any]
-    paper: Figures
-    reference: Figures | None = None  # measured on the authors' implementation
-    note: str = ""
-    released: bool = False
-    tags: tuple[str, ...] = field(default_factory=tuple)
-
-
-def _t2t(layer: str, depth: int, dim: int, heads: int, mlp_ratio: float, **extra) -> dict[str, Any]:
-    return dict(tokenizer=layer, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, **extra)
-
-
-def _vit(depth: int = 8, dim: int = 768, heads: int = 8, mlp_hidden: int = 2304, **extra) -> dict[str, Any]:
-    """The paper's ViT-S/16 family: 16×16 patches, fixed sinusoid table, T2T-ViT's block."""
-    return dict(tokenizer="patch", patch_size=16, embed_dim=dim, depth=depth, num_heads=heads,
-                mlp_hidden_dim=mlp_hidden, **extra)
-
-
-_DENSE_T2T = dict(dense_stages=(3, 6, 6, 4), growth=64, embed_dim=128, num_heads=8, mlp_ratio=2.0)
-
-VARIANTS: dict[str, Variant] = {
-    v.name: v
-    for v in [
-        # ---- Table 1: the T2T-ViT family ------------------------------------------------------
-        Variant("t2t_vit_7", _t2t("performer", 7, 256, 4, 2.0), Figures(4.3, 1.1, 71.7), Figures(4.310, 1.147),
-                note="Table 1 lists 8 layers / 4.2M; the released code and checkpoint use 7.", released=True),
-        Variant("t2t_vit_10", _t2t("performer", 10, 256, 4, 2.0), Figures(5.9, 1.5, 75.2), Figures(5.889, 1.516),
-                released=True),
-        Variant("t2t_vit_12", _t2t("performer", 12, 256, 4, 2.0), Figures(6.9, 1.8, 76.5), Figures(6.942, 1.763),
-                released=True),
-        Variant("t2t_vit_14", _t2t("performer", 14, 384, 6, 3.0), Figures(21.5, 4.8, 81.5), Figures(21.546, 4.783),
-                released=True),
-        Variant("t2t_vit_19", _t2t("performer", 19, 448, 7, 3.0), Figures(39.2, 8.5, 81.9), Figures(39.177, 8.480),
-                released=True),
-        Variant("t2t_vit_24", _t2t("performer", 24, 512, 8, 3.0), Figures(64.1, 13.8, 82.3), Figures(64.106, 13.662),
-                released=True),
-        Variant("t2t_vit_t_14", _t2t("transformer", 14, 384, 6, 3.0), Figures(21.5, 6.1, 81.7),
-                Figures(21.541, 6.089), released=True),
-        Variant("t2t_vit_t_19", _t2t("transformer", 19, 448, 7, 3.0), Figures(39.2, 9.8, 82.4),
-                Figures(39.173, 9.785), released=True),
-        Variant("t2t_vit_t_24", _t2t("transformer", 24, 512, 8, 3.0), Figures(64.1, 15.0, 82.6),
-                Figures(64.101, 14.967), released=True),
-        # ---- Table 6: CNN designs transferred to T2T-ViT --------------------------------------
-        Variant("t2t_vit_14_resnext", _t2t("performer", 14, 384, 32, 3.0), Figures(21.5, 4.8, 81.5),
-                Figures(21.546, 4.783), note="32 heads of width 12."),
-        Variant("t2t_vit_14_wide", _t2t("performer", 4, 768, 12, 3.0), Figures(25.0, 5.4, 78.8),
-                Figures(25.156, 5.229), note="T2T-ViT-d768-4 of Table 7 (Table 6: 25.1M / 5.0G / 77.9)."),
-        Variant("t2t_vit_14_se", _t2t("performer", 14, 384, 6, 3.0, block="se"), Figures(21.9, 4.9, 81.6),
-                Figures(21.804, 4.784), note="SE (reduction 16, no bias) after the attention projection."),
-        Variant("t2t_vit_16_ghost", _t2t("performer", 16, 384, 6, 3.0, block="ghost"), Figures(16.3, 3.7, 79.5),
-                Figures(16.253, 3.802), note="Depth 16; half-width q/k/v and MLP completed by depthwise 1×1 ops."),
-        Variant("t2t_vit_dense", dict(tokenizer="performer", depth=19, **_DENSE_T2T), Figures(23.7, 5.5, 80.6),
-                Figures(23.647, 5.276), note="Stages 3/6/6/4, base width 128, growth 64, halving transitions."),
-        # ---- Table 7: ablations of the T2T module ---------------------------------------------
-        Variant("t2t_vit_14_wo_t2t", _t2t("patch", 14, 384, 6, 3.0), Figures(21.1, 4.2, 79.5),
-                note="T2T module replaced by a 16×16 patch split (a strided convolution)."),
-        Variant("t2t_vit_c_14", _t2t("conv", 14, 384, 6, 3.0), Figures(21.3, 4.6, 80.8),
-                note="T2T module replaced by convolutions 7/4 → 3/2 → 3/2 (widths 64, 64, 384, GELU between)."),
-        # ---- Table 6: the ViT baselines -------------------------------------------------------
-        Variant("vit_s16", _vit(), Figures(48.6, 10.1, 78.1), note="Depth 8, width 768, MLP 2304, 8 heads."),
-        Variant("vit_s16_dn", _vit(depth=16, dim=384, heads=6, mlp_hidden=1152), Figures(24.5, 5.5, 79.0),
-                note="Deep-narrow: depth 16, width 384 (MLP ratio 3, 6 heads)."),
-        Variant("vit_s16_sw", _vit(depth=4, dim=1024, heads=16, mlp_hidden=3584), Figures(47.9, 9.9, 69.9),
-                note="Shallow-wide: depth 4, width 1024; MLP 3584 chosen to match the paper's budget."),
-        Variant("vit_s16_dense", _vit(depth=19, dim=128, heads=8, dense_stages=(2, 7, 6, 4), growth=80,
-                                      mlp_ratio=3.0, mlp_hidden=None),
-                Figures(46.7, 9.7, 76.8),
-                note="Dense stages 2/7/6/4 from width 128, growth 80, MLP ratio 3: ends at 736 as in the paper."),
-        Variant("vit_s16_se", _vit(block="se"), Figures(49.2, 10.2, 78.4), note="SE after the attention projection."),
-        Variant("vit_s16_resnext", _vit(heads=32), Figures(48.6, 10.1, 78.0), note="32 heads of width 24."),
-        Variant("vit_s16_ghost", _vit(block="ghost"), Figures(32.1, 6.9, 73.7),
-                note="Ghost attention and MLP as in T2T-ViT-Ghost."),
-    ]
-}
+from t2t_vit.table import VARIANTS
 
 
 _FIRST_LAYER = {  # the first layer that reads the image, per tokenizer (timm's ``first_conv``)
@@ -131,6 +43,7 @@ class Release:
     img_size: int = 224
     num_classes: int = 1000
     size: int | None = None  # bytes, where a public source lists it
+    digest: str | None = None  # "algorithm:hex", where a public source lists it
     eval: dict[str, Any] = field(default_factory=dict)
 
 
@@ -139,7 +52,9 @@ RELEASES: dict[str, Release] = {r.tag: r for r in [
     Release("t2t_vit_7.in1k", "71.7_T2T_ViT_7.pth.tar", 71.7),
     Release("t2t_vit_10.in1k", "75.2_T2T_ViT_10.pth.tar", 75.2),
     Release("t2t_vit_12.in1k", "76.5_T2T_ViT_12.pth.tar", 76.5),
-    Release("t2t_vit_14.in1k", "81.5_T2T_ViT_14.pth.tar", 81.5, size=86_212_823),  # OpenVINO model zoo
+    Release("t2t_vit_14.in1k", "81.5_T2T_ViT_14.pth.tar", 81.5, size=86_212_823,  # OpenVINO model zoo's model.yml
+            digest="sha384:98c8ae06a1e9997f3e83ad2dfbac49985bf7bd7723eb64e4b8462338163be026"
+                   "57998f0bd9f8997367417003caeaf7a1"),
     Release("t2t_vit_14.in1k_384", "83.3_T2T_ViT_14.pth.tar", 83.3, img_size=384),
     Release("t2t_vit_19.in1k", "81.9_T2T_ViT_19.pth.tar", 81.9),
     Release("t2t_vit_24.in1k", "82.3_T2T_ViT_24.pth.tar", 82.3),
@@ -215,6 +130,7 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
         meta = read_metadata(path) if is_safetensors(path) else {}
     where = str(file or "<state dict>")
     chosen, source = select_state_dict(state_dict, None, where, preferred=meta.get("preferred", "ema"))
+    check_finite(chosen, where)
     adapted, report = adapt_state_dict(chosen, model, meta, LoadReport(path=where, source=source))
     check_fit(report, adapted, model, strict=True, new_head=True, guess=_guess)
     return adapted
@@ -230,12 +146,27 @@ def _source_is_url(cfg: Mapping[str, Any]) -> bool:
                                          or cfg.get("source") in ("hf-hub", "local-dir"))
 
 
+def _screen_local_source(variant: str, cfg: Mapping[str, Any], kwargs: Mapping[str, Any], pretrained: bool) -> None:
+    """A folder or file timm hands us (``local-dir:``, ``pretrained_cfg_overlay=dict(file=...)``)
+    is checked as :func:`t2t_vit.model_from_checkpoint` checks one: the arguments its config.json
+    gave (timm passes them as ``pretrained_model_args``) and its metadata's ``model_kwargs`` may
+    not choose a source, a file or a device, nor a model over the size limit."""
+    stored = kwargs.get("pretrained_model_args")
+    where = cfg.get("file") or "config.json"
+    if isinstance(stored, Mapping):
+        screen_arguments(variant, stored, where)
+        check_budget(variant, {k: v for k, v in kwargs.items() if not names_a_source(k)}, where)
+    if pretrained and cfg.get("file"):
+        read_metadata(resolve_path(cfg["file"]))  # validates (and screens) before timm reads the weights
+
+
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> T2TViT:
     tag = kwargs.get("pretrained_cfg")
     if isinstance(tag, str) and tag.startswith("tl_") and "token_label_head" in inspect.signature(T2TViT).parameters:
         kwargs.setdefault("token_label_head", True)  # Token Labeling checkpoints carry an aux head
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=tag, pretrained_cfg_overlay=kwargs.get(
         "pretrained_cfg_overlay")).to_dict()
+    _screen_local_source(variant, cfg, kwargs, pretrained)
     download = pretrained and _source_is_url(cfg)
     if pretrained and not download and not cfg.get("url") and not (cfg.get("file") or cfg.get("state_dict")):
         raise T2TViTError(f"no released weights for {variant}; pass checkpoint_path= (or pretrained_cfg_overlay="
@@ -249,7 +180,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> T2TViT:
         release = RELEASES.get(f"{variant}.{cfg.get('tag')}")
         target = getattr(model, "model", model)  # (a features_only wrapper keeps the net elsewhere)
         load_released(target, model.pretrained_cfg, guess=_guess, size=release.size if release else None,
-                      folder=kwargs.get("cache_dir"))
+                      digest=release.digest if release else None, folder=kwargs.get("cache_dir"))
     return model
 
 

@@ -1,0 +1,262 @@
+"""Issue 23, loading: a file never chooses a source, a download, a file or a size; hostile bytes,
+slow servers and huge records are one line and leave nothing behind. Every server is on 127.0.0.1."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import http.server
+import io
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from timm.models import _registry
+
+import t2t_vit
+from t2t_vit import cli, variants
+from t2t_vit.checkpoint import model_from_checkpoint
+from t2t_vit.errors import T2TViTError
+from t2t_vit.hub import cache_dir
+from t2t_vit.pretrained import from_pretrained, save_pretrained
+from t2t_vit.storage import save_weights
+
+SMALL = dict(img_size=32, stem="small", num_classes=10)
+RELEASE = "71.7_T2T_ViT_7.pth.tar"
+
+
+class Recorder:
+    """A loopback server that serves ``files`` and records every request it receives."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                outer.requests.append(self.path)
+                body = outer.files.get(self.path.rsplit("/", 1)[-1])
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    srv = Recorder()
+    yield srv
+    srv.close()
+
+
+def small(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return t2t_vit.create_model("t2t_vit_7", **SMALL).eval()
+
+
+def authors_file(model: torch.nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"state_dict_ema": {"module." + k: v for k, v in model.state_dict().items()}}, buffer)
+    return buffer.getvalue()
+
+
+def poisoned(tmp_path: Path, model: str, honest: dict | None = None, **kwargs) -> Path:
+    """One of our checkpoints whose metadata asks for ``kwargs`` on top of an honest small model."""
+    honest = {"img_size": 32, "stem": "small"} if honest is None else honest
+    meta = dict(format="t2t-vit", model=model, model_kwargs={**honest, **kwargs},
+                num_classes=10)
+    return save_weights(small(), tmp_path / "poison.safetensors", metadata=meta)
+
+
+def cache_files(tmp_path: Path) -> list[Path]:
+    return [p for p in (tmp_path / "torch").rglob("*") if p.is_file()]
+
+
+def one_line(err: pytest.ExceptionInfo, *parts: str) -> str:
+    text = str(err.value)
+    assert "\n" not in text and all(p in text for p in parts), text
+    return text
+
+
+# ---- item 1: metadata never chooses a source, a download, a file or a size ---------------------
+@pytest.mark.parametrize("model", ["t2t_vit_7.in1k", "t2t_vit_7", "t2t_vit_7.in1k_ft_cifar10"])
+def test_poisoned_checkpoint_fetches_and_plants_nothing(server, tmp_path, capsys, model):
+    """The attack of issue 23: ``pretrained`` + an overlay URL in model_kwargs. The server holds
+    a loadable file, so a download would succeed and plant it in the cache as the release."""
+    server.files[RELEASE] = authors_file(small(seed=1))
+    path = poisoned(tmp_path, model, pretrained=True, pretrained_cfg_overlay={"url": server.url + RELEASE})
+    with pytest.raises(T2TViTError) as err:
+        model_from_checkpoint(path)
+    one_line(err, str(path), "'pretrained'", "never chooses")
+    assert cli.main(["convert", str(path), str(tmp_path / "out.safetensors")]) == 2
+    assert "never chooses" in capsys.readouterr().err
+    assert server.requests == [] and cache_files(tmp_path) == [] and not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("model, kwargs, key", [
+    ("resnet18", {"pretrained": True}, "'pretrained'"),  # would reach for the Hugging Face Hub
+    ("t2t_vit_7.in1k", {"checkpoint_path": "/etc/passwd"}, "'checkpoint_path'"),
+    ("t2t_vit_7", {"cache_dir": "/tmp"}, "'cache_dir'"),
+    ("t2t_vit_14", {"features_only": True}, "'features_only'"),
+    ("resnet18", {"hf_hub_id": "evil/model"}, "'hf_hub_id'"),
+    ("t2t_vit_7", {"device": "meta"}, "'device'"),
+])
+def test_source_arguments_are_refused_for_any_model_name(server, tmp_path, model, kwargs, key):
+    path = poisoned(tmp_path, model, **kwargs)
+    with pytest.raises(T2TViTError) as err:
+        model_from_checkpoint(path)
+    one_line(err, key)
+    assert server.requests == []
+
+
+def test_oversized_tagged_model_is_refused_before_any_module_is_built(tmp_path, monkeypatch):
+    """A tagged name used to skip the size estimate (a 17 GB allocation); now nothing is built."""
+    path = poisoned(tmp_path, "t2t_vit_7.in1k", depth=256, embed_dim=8192)
+    built = []
+    original = torch.nn.Module.__init__
+    monkeypatch.setattr(torch.nn.Module, "__init__", lambda self, *a, **k: (built.append(type(self)),
+                                                                          original(self, *a, **k))[1])
+    with pytest.raises(T2TViTError) as err:
+        model_from_checkpoint(path)
+    one_line(err, "parameters, over the 1,000,000,000 limit")
+    assert built == []
+
+
+def test_oversized_timm_model_is_sized_on_the_meta_device(tmp_path):
+    path = poisoned(tmp_path, "vit_base_patch16_224", {}, depth=200, embed_dim=2048, num_heads=8)
+    with pytest.raises(T2TViTError) as err:
+        model_from_checkpoint(path)
+    one_line(err, "over the 1,000,000,000 limit")
+
+
+def test_pretrained_folder_config_cannot_choose_a_source(server, tmp_path):
+    """config.json's ``architecture`` may carry a tag; its ``model_args`` and ``pretrained_cfg``
+    still never choose a download, through from_pretrained or timm's ``local-dir:``."""
+    server.files[RELEASE] = authors_file(small(seed=1))
+    folder = save_pretrained(small(), tmp_path / "pre")
+    config = json.loads((folder / "config.json").read_text())
+    config["architecture"] = "t2t_vit_7.in1k"
+    config["pretrained_cfg"].update(url=server.url + RELEASE, hf_hub_id="evil/model")
+    (folder / "config.json").write_text(json.dumps(config))
+    assert server.url not in str(from_pretrained(folder).pretrained_cfg)  # loads, its cfg names no source of its own
+    for poison in ({"pretrained": True, "pretrained_cfg_overlay": {"url": server.url + RELEASE}},
+                   {"checkpoint_path": "/etc/passwd"}):
+        config["model_args"] = {**config["model_args"], **poison}
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(T2TViTError) as err:
+            from_pretrained(folder)
+        one_line(err, "never chooses")
+        with pytest.raises((T2TViTError, TypeError)):
+            timm.create_model("local-dir:" + str(folder), pretrained=True)
+    assert server.requests == [] and cache_files(tmp_path) == []
+
+
+def test_a_local_file_handed_by_timm_is_screened(server, tmp_path):
+    """``pretrained_cfg_overlay=dict(file=...)`` reads a local file: its metadata is checked as
+    model_from_checkpoint checks it, before timm reads the weights."""
+    path = poisoned(tmp_path, "t2t_vit_7", checkpoint_path="/etc/passwd")
+    with pytest.raises(T2TViTError) as err:
+        timm.create_model("t2t_vit_7", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **SMALL)
+    one_line(err, "'checkpoint_path'")
+    honest = save_weights(small(), tmp_path / "honest.safetensors",
+                          metadata=dict(format="t2t-vit", model="t2t_vit_7", model_kwargs={"stem": "small"}))
+    model = timm.create_model("t2t_vit_7", pretrained=True, pretrained_cfg_overlay=dict(file=str(honest)), **SMALL)
+    torch.testing.assert_close(model.state_dict()["blocks.0.mlp.fc1.weight"], small().state_dict()["blocks.0.mlp.fc1.weight"])
+
+
+def point_tag_at(monkeypatch, server: Recorder, tag: str, body: bytes, **release) -> Path:
+    """Serve ``body`` as ``tag``'s release from the loopback server; ``release`` replaces fields
+    of its :class:`t2t_vit.variants.Release` (size, digest)."""
+    entry = variants.RELEASES[tag]
+    cfg = _registry._model_pretrained_cfgs[tag]
+    monkeypatch.setitem(_registry._model_pretrained_cfgs, tag, dataclasses.replace(cfg, url=server.url + entry.file))
+    monkeypatch.setitem(variants.RELEASES, tag, dataclasses.replace(entry, **release))
+    server.files[entry.file] = body
+    return cache_dir() / entry.file
+
+
+def test_release_digest_is_checked_on_download_and_on_every_use(monkeypatch, server, tmp_path):
+    """A known digest refuses a replaced file (nothing cached) and a copy planted in the cache
+    (downloaded again, so the release is what loads)."""
+    released = small(seed=1)
+    body = authors_file(released)
+    wrong = "sha384:" + hashlib.sha384(b"another file").hexdigest()
+    cached = point_tag_at(monkeypatch, server, "t2t_vit_7.in1k", body, digest=wrong)
+    with pytest.raises(T2TViTError) as err:
+        t2t_vit.create_model("t2t_vit_7.in1k", pretrained=True, **SMALL)
+    one_line(err, "SHA384 does not match", "nothing was cached")
+    assert cache_files(tmp_path) == []
+    point_tag_at(monkeypatch, server, "t2t_vit_7.in1k", body, digest="sha384:" + hashlib.sha384(body).hexdigest())
+    cached.write_bytes(authors_file(small(seed=2)))  # planted, e.g. by a poisoned checkpoint before this fix
+    model = t2t_vit.create_model("t2t_vit_7.in1k", pretrained=True, **SMALL)
+    assert len(server.requests) == 2 and cached.read_bytes() == body
+    key = "blocks.0.mlp.fc1.weight"
+    torch.testing.assert_close(model.state_dict()[key], released.state_dict()[key])
+
+
+def test_the_one_published_digest_is_recorded():
+    assert variants.RELEASES["t2t_vit_14.in1k"].digest.startswith("sha384:98c8ae06a1e9997f")
+    assert len(variants.RELEASES["t2t_vit_14.in1k"].digest) == len("sha384:") + 96
+
+
+# ---- item 6: NaN and Inf weights are refused at load -------------------------------------------
+def honest(tmp_path: Path, model: torch.nn.Module | None = None, name: str = "ok.safetensors") -> Path:
+    meta = dict(format="t2t-vit", model="t2t_vit_7", model_kwargs={"img_size": 32, "stem": "small"}, num_classes=10)
+    return save_weights(model if model is not None else small(), tmp_path / name, metadata=meta)
+
+
+def image(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    path = tmp_path / "img.png"
+    Image.new("RGB", (40, 40), (120, 30, 200)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, capsys, bad):
+    model = small()
+    with torch.no_grad():
+        model.blocks[1].mlp.fc2.weight[3, 5] = bad
+    path = honest(tmp_path, model)
+    with pytest.raises(T2TViTError) as err:
+        model_from_checkpoint(path)
+    one_line(err, "blocks.1.mlp.fc2.weight holds 1 NaN or Inf values")
+    assert cli.main(["predict", str(image(tmp_path)), "--checkpoint", str(path), "--json"]) == 2
+    out, err_text = capsys.readouterr()
+    assert "NaN" not in out and err_text.count("\n") == 1 and "blocks.1.mlp.fc2.weight" in err_text
+    authors = tmp_path / "authors.pth.tar"
+    authors.write_bytes(authors_file(model))
+    with pytest.raises(T2TViTError, match="blocks.1.mlp.fc2.weight holds"):
+        timm.create_model("t2t_vit_7", pretrained=True, pretrained_cfg_overlay=dict(file=str(authors)), **SMALL)
+
+
+def test_non_finite_logits_never_reach_the_output(tmp_path):
+    """Weights changed after loading (or a precision that overflows): the inference object stops
+    with one line instead of returning NaN probabilities."""
+    from t2t_vit import inference
+
+    clf = inference.load(checkpoint=honest(tmp_path))
+    with torch.no_grad():
+        clf.model.head.bias.fill_(float("nan"))
+    with pytest.raises(T2TViTError) as err:
+        list(clf.classify_files([image(tmp_path)]))
+    one_line(err, "NaN or Inf logits")
