@@ -120,6 +120,9 @@ def from_pretrained(directory: str | os.PathLike, **overrides: Any) -> nn.Module
     saved = check_data_config({k: v for k, v in saved_cfg.items() if k in _DATA_KEYS}, config_file)
     other = {k: v for k, v in saved_cfg.items() if k not in _DATA_KEYS and isinstance(v, (str, int, float, bool))}
     cfg = {**other, **{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}}
+    names = config.get("label_names")  # at the top level, as timm's local-dir reads them
+    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+        cfg["label_names"] = tuple(names)
     kwargs.setdefault("pretrained_cfg_overlay", cfg)
     model = create_checked(name, kwargs, config_file)
     load_checkpoint(model, directory)  # model.safetensors, else pytorch_model.bin (timm's save_for_hf)
