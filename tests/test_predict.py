@@ -110,6 +110,32 @@ def test_predict_text_output_and_all_unreadable(small_checkpoint, images, capsys
         run_cli("predict", str(bad), "--checkpoint", str(path), "--device", "cpu")
 
 
+def test_predict_a_folder_classifies_the_images_inside(small_checkpoint, images, tmp_path, capsys):
+    _, path = small_checkpoint
+    paths, _ = images
+    nested = tmp_path / "photos" / "more"
+    nested.mkdir(parents=True)
+    first, second = tmp_path / "photos" / "b.png", nested / "a.png"
+    first.write_bytes(paths[0].read_bytes())
+    second.write_bytes(paths[1].read_bytes())
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    (tmp_path / "photos" / ".hidden.png").write_bytes(paths[0].read_bytes())
+    assert run_cli("predict", str(tmp_path / "photos"), "--checkpoint", str(path), "--json", "--device", "cpu") == 0
+    assert [r["image"] for r in json.loads(capsys.readouterr().out)] == [str(first), str(second)]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(T2TViTError, match="no image files in"):
+        run_cli("predict", str(tmp_path / "empty"), "--checkpoint", str(path), "--device", "cpu")
+
+
+def test_inference_is_an_attribute_of_the_package():
+    import subprocess
+    import sys
+
+    code = "import t2t_vit; print(t2t_vit.inference.load.__name__, t2t_vit.dense.FPNBackbone.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["load", "FPNBackbone"]
+
+
 def test_predict_in_bf16_runs_under_autocast_and_agrees(small_checkpoint, images, monkeypatch):
     model = copy.deepcopy(small_checkpoint[0])  # a low precision may convert the model it is given
     pictures = [Image.open(p).convert("RGB") for p in images[0]]

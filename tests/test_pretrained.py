@@ -204,7 +204,7 @@ def test_404_and_unreachable(monkeypatch, server):
     serve_tag(monkeypatch, server, tag, b"", url="http://127.0.0.1:9/")
     with pytest.raises(T2TViTError) as err:
         t2t_vit.create_model(tag, pretrained=True, **SMALL)
-    _one_line(err, "http://127.0.0.1:9/", "could not download")
+    _one_line(err, "http://127.0.0.1:9/", "could not download", "--checkpoint FILE", "checkpoint_path=")
     assert not cache_dir().exists() or not any(cache_dir().iterdir())
 
 

@@ -116,11 +116,12 @@ def test_forward_intermediates_and_features_only():
 
     model = create_model("t2t_vit_7", img_size=64).eval()
     x = torch.randn(1, 3, 64, 64)
-    final, inter = model.forward_intermediates(x, indices=[0, 6])
+    # levels: the T2T module's two maps, then the 7 blocks, then the pooled level
+    final, inter = model.forward_intermediates(x, indices=[2, 8])
     assert [t.shape for t in inter] == [(1, 256, 4, 4)] * 2
     torch.testing.assert_close(final, model.forward_features(x))
     extractor = timm.create_model("t2t_vit_dense", features_only=True, img_size=64)
-    assert [f.shape[1] for f in extractor(x)] == extractor.feature_info.channels() == [456, 520, 584]
+    assert [f.shape[1] for f in extractor(x)] == extractor.feature_info.channels() == [64, 64, 584, 584]
 
 
 def test_unknown_model_suggests_close_names():

@@ -15,6 +15,7 @@ from t2t_vit.checkpoint import (
     read_state_dict, save_weights,
 )
 from t2t_vit.errors import T2TViTError, did_you_mean
+from t2t_vit.interop import checkpoint_defaults
 from t2t_vit.model import T2TViT, set_fused_attn
 from t2t_vit.pretrained import from_pretrained, save_pretrained
 from t2t_vit.switchboard import attention_kernels, configure, for_inference, reference_formulation
@@ -27,6 +28,18 @@ __all__ = [
     "read_checkpoint", "adapt_state_dict", "model_from_checkpoint", "LoadReport",
     "configure", "reference_formulation", "attention_kernels", "for_inference",
 ]
+
+
+_LAZY_MODULES = ("inference", "dense")  # imported on first use: they pull in more than the models need
+
+
+def __getattr__(name: str) -> Any:
+    """``t2t_vit.inference`` / ``t2t_vit.dense`` without importing them explicitly."""
+    if name in _LAZY_MODULES:
+        import importlib
+
+        return importlib.import_module(f"t2t_vit.{name}")
+    raise AttributeError(f"module 't2t_vit' has no attribute {name!r}")
 
 
 def create_model(
@@ -45,12 +58,14 @@ def create_model(
         pretrained: load the tag's released weights: downloaded once into torch's cache
             (``$TORCH_HOME/hub/checkpoints``), read weights-only, EMA copy preferred. With
             ``checkpoint_path`` that local file is used instead and nothing is downloaded.
-        num_classes: classifier width (default: the tag's, else 1000); 0 gives a feature extractor.
-            A class count other than the weights' keeps a fresh head.
-        img_size: input size, int or (height, width) (default: the tag's, else 224); the position
-            table of loaded weights is resampled to it.
+        num_classes: classifier width (default: the checkpoint's, else the tag's, else 1000); 0 gives
+            a feature extractor. A class count other than the weights' keeps a fresh head.
+        img_size: input size, int or (height, width) (default: the checkpoint's, else the tag's, else
+            224); the position table of loaded weights is resampled to it.
         checkpoint_path: a local checkpoint (the authors' ``.pth.tar``, ours, ``.safetensors`` or a
-            save_pretrained directory).
+            save_pretrained directory). Its class count, preprocessing (``pretrained_cfg``, which
+            timm's ``resolve_data_config`` reads) and, when it names this model, its architecture
+            arguments are the defaults.
         **kwargs: any :class:`T2TViT` argument, e.g. ``stem="small"``, ``drop_path_rate=0.1``.
     """
     arch, _ = split_model_name_tag(name)
@@ -61,6 +76,10 @@ def create_model(
         tags = ", ".join(timm.list_pretrained(arch + ".*")) or "none"
         raise T2TViTError(f"unknown pretrained tag {name!r}; {arch} has: {tags}")
     given = {k: v for k, v in dict(num_classes=num_classes, img_size=img_size).items() if v is not None}
+    if checkpoint_path:  # the file's class count, preprocessing and (if it names this model) arguments
+        file_args, fields = checkpoint_defaults(arch, checkpoint_path)
+        fields.update(kwargs.pop("pretrained_cfg_overlay", None) or {})
+        kwargs = {**file_args, **kwargs, "pretrained_cfg_overlay": fields}
     model = timm.create_model(name, pretrained=pretrained and not checkpoint_path, **given, **kwargs)
     if checkpoint_path:
         load_checkpoint(model, checkpoint_path)

@@ -25,6 +25,7 @@ from t2t_vit.adapting import (  # noqa: F401 (re-exported)
     LoadReport, adapt_state_dict, check_fit, describe_state_dict, load_adapted, mismatch_message,
 )
 from t2t_vit.errors import T2TViTError
+from t2t_vit.interop import pretrained_cfg_fields
 from t2t_vit.metadata import check_img_size, check_model_name, validate_metadata  # noqa: F401
 from t2t_vit.modelguard import base_name, check_budget, screen_arguments
 from t2t_vit.reading import (  # noqa: F401 (re-exported)
@@ -146,6 +147,7 @@ def build_from_checkpoint(path: str | os.PathLike, name: str | None = None, use_
     state_dict, source, meta = read_checkpoint(path, use_ema)
     name = checkpoint_model_name(meta, state_dict, path, name)
     kwargs = checkpoint_model_kwargs(name, meta, state_dict, path, overrides)
+    kwargs.setdefault("pretrained_cfg_overlay", pretrained_cfg_fields(meta))  # timm's clients see the file's cfg
     model = create_checked(name, kwargs, path)
     load_adapted(model, state_dict, meta, LoadReport(path=str(path), source=source), strict=True, new_head=False,
                  guess=likely_variants)

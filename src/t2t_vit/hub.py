@@ -110,8 +110,8 @@ def download_cached(url: str, file_name: str | None = None, size: int | None = N
     except urllib.error.HTTPError as err:
         raise T2TViTError(f"could not download {url}: HTTP {err.code} {err.reason}") from err
     except urllib.error.URLError as err:
-        raise T2TViTError(f"could not download {url}: {err.reason} (offline? pass checkpoint_path= with a "
-                          "local copy)") from err
+        raise T2TViTError(f"could not download {url}: {err.reason} (offline? use a local copy: "
+                          "--checkpoint FILE on the command line, checkpoint_path=FILE in Python)") from err
     except (OSError, HTTPException) as err:
         raise T2TViTError(f"could not download {url}: {type(err).__name__}: {err}") from err
     finally:

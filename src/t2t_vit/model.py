@@ -16,7 +16,7 @@ from t2t_vit.blocks import DenseBlock, Transition, build_blocks
 from t2t_vit.errors import T2TViTError
 from t2t_vit import switchboard
 from t2t_vit.layers import sinusoid_table
-from t2t_vit.t2t import SoftSplitSpec, build_tokenizer, token_grid
+from t2t_vit.t2t import SoftSplitSpec, T2TModule, build_tokenizer, token_grid
 
 
 def to_2tuple_size(img_size: int | Sequence[int]) -> tuple[int, int]:
@@ -107,9 +107,24 @@ class T2TViT(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.token_label_head = token_label_head
         self.aux_head = self._aux_head(num_classes)
-        self.feature_info = self._block_feature_info()
+        # a parameter-free level at twice the backbone's stride, the top of the feature pyramid
+        self.pyramid_pool = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)
+        self.feature_info = self._stem_feature_info(token_dim) + self._block_feature_info() + [
+            dict(module="pyramid_pool", num_chs=self.num_features, reduction=2 * self.reduction)]
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
+
+    @property
+    def num_stem_levels(self) -> int:
+        """Feature maps the T2T module gives before the backbone (its re-structurized images)."""
+        return len(self.tokens_to_token.specs) - 1 if isinstance(self.tokens_to_token, T2TModule) else 0
+
+    def _stem_feature_info(self, token_dim: int) -> list:
+        info, reduction = [], 1
+        for index, (_, stride, _) in enumerate(self.tokens_to_token.specs[: self.num_stem_levels]):
+            reduction *= stride
+            info.append(dict(module=f"tokens_to_token.attention{index + 1}", num_chs=token_dim, reduction=reduction))
+        return info
 
     def _block_feature_info(self) -> list:
         info, width = [], self.embed_dim
@@ -132,10 +147,15 @@ class T2TViT(nn.Module):
 
         The input is cast to the weights' dtype (a no-op in fp32), so a bf16 model takes fp32 images.
         """
-        table = position_table_for(x, self.pos_embed, self.tokens_to_token.specs, self.grid_size,
-                                   self.dynamic_img_size, self.img_size)
-        tokens = self.tokens_to_token(x.to(self.cls_token.dtype))
-        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
+        table = self._table(x)
+        return self._with_cls_and_table(self.tokens_to_token(x.to(self.cls_token.dtype)), table)
+
+    def _table(self, x: Tensor) -> Tensor:
+        return position_table_for(x, self.pos_embed, self.tokens_to_token.specs, self.grid_size,
+                                  self.dynamic_img_size, self.img_size)
+
+    def _with_cls_and_table(self, tokens: Tensor, table: Tensor) -> Tensor:
+        tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
         return self.pos_drop(tokens + table.to(tokens.dtype))
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -182,29 +202,40 @@ class T2TViT(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ):
-        """timm's intermediate-feature API: outputs of the chosen blocks, as NCHW maps or NLC tokens."""
+        """timm's intermediate-feature API over ``feature_info``: the T2T module's re-structurized maps
+        (strides 4 and 8 with the ImageNet stem), every block's output (stride 16) and a 2×2 max-pool
+        of the last block's (stride 32), as NCHW maps or NLC tokens. ``indices`` index that list."""
         if output_fmt not in ("NCHW", "NLC"):
             raise T2TViTError("output_fmt must be 'NCHW' or 'NLC'")
-        take, max_index = feature_take_indices(len(self.blocks), indices)
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
+        stem, pyramid = self.num_stem_levels, len(self.feature_info) - 1
         grid = self.tokens_to_token.grid(tuple(x.shape[-2:]))
-        x = self.embed(x)
-        blocks = self.blocks if not stop_early else self.blocks[: max_index + 1]
-        intermediates = []
-        for i, block in enumerate(blocks):
+        table = self._table(x)
+        if stem:
+            tokens, stages = self.tokens_to_token.forward_stages(x.to(self.cls_token.dtype))
+        else:
+            tokens, stages = self.tokens_to_token(x.to(self.cls_token.dtype)), []
+        intermediates = [_as_fmt(m, output_fmt) for i, m in enumerate(stages) if i in take]
+        x = self._with_cls_and_table(tokens, table)
+        last = len(self.blocks) - 1 if not stop_early or pyramid in take else max_index - stem
+        for i, block in enumerate(self.blocks[: max(last + 1, 0)]):
             x = block(x)
-            if i in take:
+            if stem + i in take or (pyramid in take and i == len(self.blocks) - 1):
                 y = self.norm(x) if norm and x.shape[-1] == self.num_features else x
-                y = y[:, self.num_prefix_tokens :]
-                if output_fmt == "NCHW":
-                    y = y.reshape(y.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
-                intermediates.append(y)
+                y = y[:, self.num_prefix_tokens :].transpose(1, 2)
+                y = y.reshape(y.shape[0], y.shape[1], grid[0], grid[1])
+                if stem + i in take:
+                    intermediates.append(_as_fmt(y, output_fmt))
+                if pyramid in take and i == len(self.blocks) - 1:
+                    intermediates.append(_as_fmt(self.pyramid_pool(y), output_fmt))
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True):
-        take, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[: max_index + 1]
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
+        if max_index < len(self.feature_info) - 1:  # the pyramid level needs every block
+            self.blocks = self.blocks[: max(max_index - self.num_stem_levels + 1, 0)]
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
@@ -286,6 +317,11 @@ def position_table_for(
                 f"expected images of shape (batch, channels, height, width), got {tuple(image.shape)}")
     grid = token_grid((image.shape[-2], image.shape[-1]), specs)
     return fit_position_table(table, grid, built, dynamic, img_size)
+
+
+def _as_fmt(feature_map: Tensor, output_fmt: str) -> Tensor:
+    """An NCHW map as it is, or as NLC tokens."""
+    return feature_map.flatten(2).transpose(1, 2) if output_fmt == "NLC" else feature_map.contiguous()
 
 
 def _out_width(block: nn.Module, width: int) -> int:

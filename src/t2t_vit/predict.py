@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -25,7 +26,29 @@ def _record(path: str, top: list[tuple[int, str, float]]) -> dict[str, Any]:
     return {"image": path, "predictions": [{"index": i, "label": n, "probability": p} for i, n, p in top]}
 
 
+def image_files(paths: list[str]) -> list[str]:
+    """The images to classify: a file as given, a folder as the image files under it (sorted, the
+    extensions training reads, hidden entries and linked folders skipped)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    files: list[str] = []
+    for path in paths:
+        if not os.path.isdir(path):
+            files.append(path)
+            continue
+        found = []
+        for folder, subdirs, names in os.walk(path):  # links to folders are not followed: no loops
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+            found += [os.path.join(folder, n) for n in sorted(names)
+                      if not n.startswith(".") and n.lower().endswith(IMG_EXTENSIONS)]
+        if not found:
+            raise T2TViTError(f"no image files in {path} (looked for {', '.join(IMG_EXTENSIONS)})")
+        files += found
+    return files
+
+
 def run(args: argparse.Namespace) -> int:
+    args.images = image_files(args.images)
     clf = load_inference(args)
     if args.checkpoint is None and not args.pretrained:
         print(f"t2t-vit: note: {clf.description}: no --checkpoint or --pretrained, predictions are meaningless",
@@ -48,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("predict", help="classify images: top-k class names and probabilities")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything PIL reads)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything PIL reads) or folders of them")
     add_model_args(p)
     add_runtime_args(p)
     p.add_argument("--topk", type=int, default=5, help="how many classes to list per image (default 5)")

@@ -20,6 +20,7 @@ from t2t_vit.checkpoint import (
 )
 from t2t_vit.checkpoint import model_from_checkpoint  # noqa: F401 (its former home)
 from t2t_vit.errors import T2TViTError
+from t2t_vit.reading import FOLDER_WEIGHTS
 from t2t_vit.metadata import check_data_config, check_model_kwargs, check_model_name
 from t2t_vit.modelguard import names_a_source
 
@@ -44,6 +45,13 @@ def _data_config(model: nn.Module, given: dict[str, Any] | None) -> dict[str, An
     return check_data_config({k: v for k, v in merged.items() if v is not None}, "data_config")
 
 
+def _cfg_class_names(model: nn.Module) -> list[str] | None:
+    """The class names a checkpoint gave the model (its pretrained_cfg ``label_names``), if they fit its head."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    fits = isinstance(names, (list, tuple)) and len(names) == getattr(model, "num_classes", -1)
+    return [str(n) for n in names] if fits else None
+
+
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, class_names: Sequence[str] | None = None,
                     data_config: dict[str, Any] | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` for a model built by :func:`t2t_vit.create_model`.
@@ -60,6 +68,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, class_names:
     if not cfg or "architecture" not in cfg:
         raise T2TViTError("save_pretrained needs a model built by t2t_vit.create_model or timm.create_model")
     data = _data_config(model, data_config)
+    class_names = class_names or _cfg_class_names(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model_args = _model_args(model)
@@ -78,8 +87,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, class_names:
 
 def _read_config(directory: Path) -> dict[str, Any]:
     config_file = directory / CONFIG_NAME
-    if not config_file.is_file() or not (directory / WEIGHTS_NAME).is_file():
-        raise T2TViTError(f"{directory} is not a pretrained directory: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+    if not config_file.is_file() or not any((directory / name).is_file() for name in FOLDER_WEIGHTS):
+        raise T2TViTError(f"{directory} is not a pretrained directory: it needs {CONFIG_NAME} and "
+                          f"{' or '.join(FOLDER_WEIGHTS)}")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
@@ -112,9 +122,12 @@ def from_pretrained(directory: str | os.PathLike, **overrides: Any) -> nn.Module
     other = {k: v for k, v in saved_cfg.items() if k not in _DATA_KEYS and isinstance(v, (str, int, float, bool))
              and k != "state_dict" and not names_a_source(k)}  # the folder's own file is the only source
     cfg = {**other, **{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}}
+    names = config.get("label_names")  # at the top level, as timm's local-dir reads them
+    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+        cfg["label_names"] = tuple(names)
     kwargs.setdefault("pretrained_cfg_overlay", cfg)
     model = create_checked(name, kwargs, config_file)
-    load_checkpoint(model, directory / WEIGHTS_NAME)
+    load_checkpoint(model, directory)  # model.safetensors, else pytorch_model.bin (timm's save_for_hf)
     return model
 
 

@@ -33,6 +33,8 @@ from t2t_vit.metadata import validate_metadata
 from t2t_vit.storage import EMA_PREFIX
 
 WEIGHTS_NAME = "model.safetensors"  # inside a save_pretrained directory
+# the files a Hugging Face-style folder may hold its weights in, ours first (timm's save_for_hf: either)
+FOLDER_WEIGHTS = (WEIGHTS_NAME, "pytorch_model.bin")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / ModelEma wrappers, torch.compile
 EMA_KEYS = ("state_dict_ema", "model_ema")
 PLAIN_KEYS = ("state_dict", "model", "net")
@@ -43,10 +45,10 @@ _log = logging.getLogger(__name__)
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
-    """The file to read: ``path`` itself, or ``model.safetensors`` inside a pretrained directory."""
+    """The file to read: ``path`` itself, or the weights (:data:`FOLDER_WEIGHTS`) inside a pretrained directory."""
     path = Path(path)
-    if path.is_dir() and (path / WEIGHTS_NAME).is_file():
-        return path / WEIGHTS_NAME
+    if path.is_dir():
+        path = next((path / name for name in FOLDER_WEIGHTS if (path / name).is_file()), path / WEIGHTS_NAME)
     if not path.is_file():
         raise T2TViTError(f"checkpoint not found: {path}")
     return path

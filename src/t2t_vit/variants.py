@@ -18,6 +18,7 @@ from torch import nn
 from t2t_vit.adapting import LoadReport, adapt_state_dict, check_finite, check_fit
 from t2t_vit.errors import T2TViTError
 from t2t_vit.hub import load_released
+from t2t_vit.interop import checkpoint_defaults
 from t2t_vit.model import T2TViT
 from t2t_vit.modelguard import check_budget, names_a_source, screen_arguments
 from t2t_vit.reading import is_safetensors, read_metadata, resolve_path, select_state_dict
@@ -155,30 +156,55 @@ def _screen_local_source(variant: str, cfg: Mapping[str, Any], kwargs: Mapping[s
     where = cfg.get("file") or "config.json"
     if isinstance(stored, Mapping):
         screen_arguments(variant, stored, where)
+    if isinstance(stored, Mapping) or cfg.get("file"):  # a file's own arguments are among kwargs by now
         check_budget(variant, {k: v for k, v in kwargs.items() if not names_a_source(k)}, where)
     if pretrained and cfg.get("file"):
         read_metadata(resolve_path(cfg["file"]))  # validates (and screens) before timm reads the weights
+
+
+def _with_file_defaults(variant: str, tag: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` over what a local ``file`` in the overlay says about its model: the class count
+    (timm then keeps a head that fits instead of dropping it), the preprocessing, and the
+    architecture arguments of a file that names this variant."""
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=tag, pretrained_cfg_overlay=overlay).to_dict()
+    if not cfg.get("file") or cfg.get("source") == "local-dir":  # local-dir: config.json already says it all
+        return kwargs
+    arch, fields = checkpoint_defaults(variant, cfg["file"])
+    return {**arch, **kwargs, "pretrained_cfg_overlay": {**fields, **overlay}}
+
+
+def _pyramid_levels(arch: Mapping[str, Any]) -> tuple[int, ...]:
+    """``features_only``'s default levels: with a T2T module its two re-structurized maps, the
+    last block and the pooled level (strides 4, 8, 16, 32 with the ImageNet stem); else the last
+    two blocks and the pooled level."""
+    return (0, 1, -2, -1) if arch.get("tokenizer") in ("performer", "transformer") else (-3, -2, -1)
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> T2TViT:
     tag = kwargs.get("pretrained_cfg")
     if isinstance(tag, str) and tag.startswith("tl_") and "token_label_head" in inspect.signature(T2TViT).parameters:
         kwargs.setdefault("token_label_head", True)  # Token Labeling checkpoints carry an aux head
+    if pretrained:
+        kwargs = _with_file_defaults(variant, tag, kwargs)
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=tag, pretrained_cfg_overlay=kwargs.get(
         "pretrained_cfg_overlay")).to_dict()
     _screen_local_source(variant, cfg, kwargs, pretrained)
     download = pretrained and _source_is_url(cfg)
     if pretrained and not download and not cfg.get("url") and not (cfg.get("file") or cfg.get("state_dict")):
-        raise T2TViTError(f"no released weights for {variant}; pass checkpoint_path= (or pretrained_cfg_overlay="
-                          f"dict(file=...)) with a local checkpoint, or choose one of {', '.join(RELEASES)}")
+        raise T2TViTError(f"no released weights for {variant}; use a local checkpoint (--checkpoint FILE on the "
+                          "command line; checkpoint_path= or pretrained_cfg_overlay=dict(file=...) in Python), "
+                          f"or choose one of {', '.join(RELEASES)}")
     arch = {**VARIANTS[variant].arch, **kwargs}
     model = build_model_with_cfg(
         T2TViT, variant, pretrained and not download, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(-3, -2, -1), feature_cls="getter"), **arch,
+        feature_cfg=dict(out_indices=_pyramid_levels(arch), feature_cls="getter"), **arch,
     )
+    target = getattr(model, "model", model)  # (a features_only wrapper keeps the net elsewhere)
+    # resolve_data_config reads input_size from here: make it the size the model was built for
+    model.pretrained_cfg["input_size"] = (model.pretrained_cfg.get("input_size", (3,))[0], *target.img_size)
     if download:
         release = RELEASES.get(f"{variant}.{cfg.get('tag')}")
-        target = getattr(model, "model", model)  # (a features_only wrapper keeps the net elsewhere)
         load_released(target, model.pretrained_cfg, guess=_guess, size=release.size if release else None,
                       digest=release.digest if release else None, folder=kwargs.get("cache_dir"))
     return model

@@ -3,42 +3,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from PIL import Image
-from timm.data import auto_augment, create_transform
+from timm.data import create_transform
 
 from t2t_vit.errors import T2TViTError
-
-
-def _posterize(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
-    """timm's posterize, also for 0 bits: the image becomes black, as with Pillow < 11.
-
-    RandAugment's PosterizeIncreasing asks for 0 bits at magnitude 10, which rand-m9-mstd0.5
-    reaches on a few percent of its draws; Pillow >= 11 raises ValueError there, which would crash
-    a training epoch at random.
-    """
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size)
-    return auto_augment.posterize(img, bits_to_keep, **kwargs)
-
-
-def augment_ops(transform: Any) -> list[Any]:
-    """The RandAugment / AutoAugment / AugMix operations inside a (nested) transform."""
-    found: list[Any] = []
-    for part in getattr(transform, "transforms", None) or []:
-        found += augment_ops(part)
-    found += list(getattr(transform, "ops", None) or [])  # RandAugment, AugMixAugment
-    for sub_policy in getattr(transform, "policy", None) or []:  # AutoAugment
-        found += list(sub_policy)
-    return found
-
-
-def with_safe_posterize(transform: Any) -> Any:
-    """Give this transform's own posterize operations :func:`_posterize`; timm's op table and every
-    other transform stay as they are."""
-    for op in augment_ops(transform):
-        if getattr(op, "aug_fn", None) is auto_augment.posterize:
-            op.aug_fn = _posterize
-    return transform
 
 
 # The options an ``augment`` dict may carry: timm ``create_transform`` training arguments.
@@ -131,5 +98,6 @@ def build_transforms(
     opts = resolve_augment(kind, augment)
     if opts is None:
         return eval_tf, eval_tf, None, crop_pct
-    train_tf = with_safe_posterize(create_transform(size, is_training=True, mean=mean, std=std, **opts))
+    # timm's own RandAugment, unpatched: the pinned Pillow accepts posterize's 0 bits (tests/test_timm_scripts.py)
+    train_tf = create_transform(size, is_training=True, mean=mean, std=std, **opts)
     return train_tf, eval_tf, opts, crop_pct

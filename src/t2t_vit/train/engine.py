@@ -255,7 +255,8 @@ class Run:
         is_t2t = cfg.model in __import__("t2t_vit").list_models()
         return dict(model=cfg.model, model_kwargs=cfg.model_kwargs, num_classes=str(parts.num_classes),
                     img_size=cfg.img_size, stem=cfg.stem if is_t2t else "", class_names=parts.class_names,
-                    preferred=self.preferred(), step=str(self.counters.step), data_config=parts.data_config)
+                    preferred=self.preferred(), step=str(self.counters.step), data_config=parts.data_config,
+                    dataset=str(cfg.data))
 
     def save(self, name: str, with_state: bool = True) -> None:
         """Every rank calls this (RNG states are gathered); rank 0 writes."""

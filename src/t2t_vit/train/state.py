@@ -1,5 +1,8 @@
 """Checkpoints that survive SIGKILL: safetensors weights + a weights-only training-state file.
 
+Beside them, ``<stem>.pth.tar`` holds the same weights as timm's train.py writes them
+(``state_dict``, ``state_dict_ema``) for timm's ``validate.py --checkpoint`` / ``load_checkpoint``.
+
 ``<stem>.safetensors``: model weights under plain keys, the EMA copy under ``ema.`` keys, and
 string metadata (``format="t2t-vit"``, model, model_kwargs, num_classes, img_size, stem,
 class_names, preferred, step). ``<stem>.state.pt``: optimizer, scheduler, scaler, step, epoch,
@@ -24,6 +27,7 @@ from torch import nn
 
 from t2t_vit.checkpoint import FORMAT, read_metadata, split_ema
 from t2t_vit.errors import T2TViTError
+from t2t_vit.interop import save_timm_checkpoint, timm_path
 from t2t_vit.storage import atomic_write, save_weights
 
 def rng_state() -> dict[str, Any]:
@@ -61,6 +65,7 @@ def save_checkpoint(stem: str, model: nn.Module, ema: nn.Module | None, meta: di
             os.replace(final, f"{stem}.state.prev.pt")
         atomic_write(final, buffer.getvalue())
     save_weights(model, f"{stem}.safetensors", {**meta, "format": FORMAT}, ema=ema)
+    save_timm_checkpoint(timm_path(stem), model, ema, {**meta, "format": FORMAT})  # for timm's scripts
 
 
 def checkpoint_stem(path: str) -> str:
