@@ -31,6 +31,8 @@ HELP = {
     "t2t_lr_scale": "lr of the tokenizer (T2T module) = its group's lr × this (small-data studies)",
     "t2t_warmup_epochs": "extra linear warm-up of the tokenizer's lr, in epochs, on top of the shared schedule",
     "drop_path": "stochastic depth rate",
+    "preempt_signals": "signals (and always SIGINT) that stop the run after the current step, save checkpoint-last "
+                       "and exit 128+signal number (143 TERM, 138 USR1); 'none' for none",
 }
 
 
