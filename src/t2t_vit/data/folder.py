@@ -13,7 +13,7 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -91,9 +91,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def load_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode ``path`` fully as an EXIF-upright RGB image; raises ``OSError``/``ValueError`` if bad."""
-    with open(path, "rb") as f, warnings.catch_warnings():
+def load_image(path: str | BinaryIO, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode ``path`` (or an open binary file) fully as an EXIF-upright RGB image; raises
+    ``OSError``/``ValueError`` if bad."""
+    with (open(path, "rb") if isinstance(path, (str, os.PathLike)) else path) as f, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         img = Image.open(f)
         reason = _size_reason(img, max_pixels)
@@ -104,7 +105,9 @@ def load_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
 
 
 class ImageFolderDataset(Dataset):
-    """``(path, label)`` samples decoded on access; a file that fails is replaced, never fatal."""
+    """``(path, label)`` samples decoded on access; a file that fails is replaced, never fatal.
+
+    Other storage (``data/readers.py``) overrides :meth:`open`, so its samples are keys, not paths."""
 
     def __init__(self, samples: list[tuple[str, int]], classes: list[str], transform: Callable | None,
                  max_pixels: int = MAX_IMAGE_PIXELS):
@@ -121,6 +124,10 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def open(self, path):
+        """What :func:`load_image` reads for the sample whose key is ``path``: here the path itself."""
+        return path
+
     def _candidates(self, index: int):
         """``index`` first, then the rest of its class in order, then everything else."""
         same = self._by_class[self.targets[index]]
@@ -135,7 +142,7 @@ class ImageFolderDataset(Dataset):
             if path in self.bad:
                 continue
             try:
-                img = load_image(path, self.max_pixels)
+                img = load_image(self.open(path), self.max_pixels)
             except Exception as e:  # noqa: BLE001 - skip the file, keep the epoch going
                 self.bad[path] = str(e) if isinstance(e, ValueError) else _reason(e)
                 log.warning("skipping %s: %s (failed at load; using another image instead)", path, self.bad[path])

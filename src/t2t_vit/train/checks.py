@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from t2t_vit.data import BUILTIN
+from t2t_vit.data.readers import is_reader_spec
 from t2t_vit.errors import T2TViTError
 
 MAX_YAML_BYTES = 1 << 20  # a recipe is a few hundred bytes; anything near this is not a recipe
@@ -152,7 +153,7 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 # ---- paths ---------------------------------------------------------------------------------------------
 def check_paths(cfg: Any) -> None:
-    if cfg.data not in BUILTIN and not os.path.exists(cfg.data):
+    if cfg.data not in BUILTIN and not is_reader_spec(cfg.data) and not os.path.exists(cfg.data):
         raise T2TViTError(f"data path {cfg.data!r} does not exist (use --data digits for the built-in demo data)")
     if cfg.finetune is not None and not os.path.isfile(cfg.finetune) and pretrained_tag(cfg.finetune) is None:
         raise T2TViTError(f"--finetune file {cfg.finetune!r} does not exist (and it is no pretrained tag "
