@@ -1,4 +1,5 @@
-"""Data sets for training and evaluation: the digits demo, CIFAR-10/100 pickles, ImageFolder trees.
+"""Data sets for training and evaluation: the digits demo, CIFAR-10/100 pickles, ImageFolder trees,
+Hugging Face datasets and WebDataset shards.
 
 ``create_datasets`` is the one entry point; it returns a :class:`DataBundle` whose ``train`` and
 ``val`` yield ``(normalised float CHW tensor, int label)``.
@@ -33,7 +34,7 @@ class DataBundle:
     class_names: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    kind: str = "imagefolder"  # "digits" | "photos" | "cifar10" | "cifar100" | "imagefolder"
+    kind: str = "imagefolder"  # "digits" | "photos" | "cifar10" | "cifar100" | "imagefolder" | "hfds" | "wds"
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of every unused file
     train_transform: Callable | None = None
     val_transform: Callable | None = None
@@ -67,8 +68,10 @@ def create_datasets(
 
     Args:
         data: ``"digits"`` (scikit-learn's handwritten digits, no download); a folder with
-            ``train/`` and ``val/`` of class folders (ImageFolder); or a CIFAR-10/100 python-pickle
-            folder (``cifar-10-batches-py`` / ``cifar-100-python`` or a folder holding one).
+            ``train/`` and ``val/`` of class folders (ImageFolder); a CIFAR-10/100 python-pickle
+            folder (``cifar-10-batches-py`` / ``cifar-100-python`` or a folder holding one);
+            ``hfds/<folder or name>`` (Hugging Face datasets) or ``wds/<folder or shard pattern>``
+            (WebDataset tar shards), read as in ``data/readers.py``.
         img_size: model input size, int or (height, width).
         augment: timm ``create_transform`` training options (see ``AUGMENT_KEYS``) merged over the
             data set's defaults; ``None`` uses the deterministic eval transform for training too.
@@ -91,6 +94,14 @@ def create_datasets(
         return _array_bundle("digits", tx, ty, vx, vy, [str(i) for i in range(10)], mean, std, **common)
     if str(data).lower() == "photos":
         return _photos_bundle(mean, std, **common)
+    from t2t_vit.data.readers import create_reader_sets, is_reader_spec
+
+    if is_reader_spec(data):  # Hugging Face datasets / WebDataset shards: treated as an ImageFolder
+        mean, std = _stats(mean, std, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+        train_tf, eval_tf, opts, crop = build_transforms("imagefolder", img_size, augment, crop_pct, interpolation,
+                                                         mean, std)
+        train, val, names = create_reader_sets(data, train_tf, eval_tf)
+        return DataBundle(train, val, names, mean, std, str(data).split("/")[0], [], train_tf, eval_tf, opts, crop)
     root = Path(data).expanduser()
     if not root.exists():
         raise T2TViTError(f"data path {root} does not exist "
@@ -148,7 +159,7 @@ def default_workers(bundle: DataBundle, training: bool) -> int:
     so 0. Sets that decode or augment per sample get one process per CPU beyond the one running the
     model, at most ``MAX_DEFAULT_WORKERS``.
     """
-    cached = bundle.kind != "imagefolder" and (not training or bundle.augment is None)
+    cached = bundle.kind not in ("imagefolder", "hfds", "wds") and (not training or bundle.augment is None)
     if cached:
         return 0
     return min(MAX_DEFAULT_WORKERS, available_cores() - 1)

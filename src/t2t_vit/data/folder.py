@@ -14,7 +14,7 @@ import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -107,12 +107,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def load_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode ``path`` fully as an EXIF-upright RGB image; raises ``OSError``/``ValueError`` if bad."""
-    reason = _regular_file_reason(path)
+def load_image(path: str | BinaryIO, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode ``path`` (or an open binary file) fully as an EXIF-upright RGB image; raises
+    ``OSError``/``ValueError`` if bad."""
+    is_path = isinstance(path, (str, os.PathLike))
+    reason = _regular_file_reason(path) if is_path else None
     if reason:
         raise ValueError(reason)
-    with open(path, "rb") as f, warnings.catch_warnings():
+    with (open(path, "rb") if is_path else path) as f, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         img = Image.open(f)
         reason = _size_reason(img, max_pixels)
@@ -123,7 +125,9 @@ def load_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
 
 
 class ImageFolderDataset(Dataset):
-    """``(path, label)`` samples decoded on access; a file that fails is replaced, never fatal."""
+    """``(path, label)`` samples decoded on access; a file that fails is replaced, never fatal.
+
+    Other storage (``data/readers.py``) overrides :meth:`open`, so its samples are keys, not paths."""
 
     def __init__(self, samples: list[tuple[str, int]], classes: list[str], transform: Callable | None,
                  max_pixels: int = MAX_IMAGE_PIXELS):
@@ -140,6 +144,10 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def open(self, path):
+        """What :func:`load_image` reads for the sample whose key is ``path``: here the path itself."""
+        return path
+
     def _candidates(self, index: int):
         """``index`` first, then the rest of its class in order, then everything else."""
         same = self._by_class[self.targets[index]]
@@ -154,7 +162,7 @@ class ImageFolderDataset(Dataset):
             if path in self.bad:
                 continue
             try:
-                img = load_image(path, self.max_pixels)
+                img = load_image(self.open(path), self.max_pixels)
             except Exception as e:  # noqa: BLE001 - skip the file, keep the epoch going
                 self.bad[path] = str(e) if isinstance(e, ValueError) else _reason(e)
                 log.warning("skipping %s: %s (failed at load; using another image instead)", path, self.bad[path])

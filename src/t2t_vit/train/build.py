@@ -21,6 +21,7 @@ from t2t_vit.errors import T2TViTError
 from t2t_vit.train import recipe
 from t2t_vit.train.config import TrainConfig
 from t2t_vit.train.distributed import ShardedSampler, World
+from t2t_vit.train.preempt import quiet_worker
 from t2t_vit.train.sampling import EpochKeys, SeededDataset
 
 
@@ -121,7 +122,7 @@ def make_loaders(cfg: TrainConfig, world: World, bundle, sampler: ShardedSampler
     resumed run's drop path / mixup stream would be shifted by one draw.
     """
     args = dict(num_workers=workers, pin_memory=world.device.type == "cuda", persistent_workers=workers > 0,
-                generator=torch.Generator().manual_seed(cfg.seed))
+                generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=quiet_worker)
     train_set = SeededDataset(bundle.train, cfg.seed, seeded=cfg.augment)
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=EpochKeys(sampler), **args)
     val_sampler = ShardedSampler(len(bundle.val), world, cfg.batch_size, cfg.seed, shuffle=False, drop_last=False)

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from t2t_vit.data import BUILTIN
+from t2t_vit.data.readers import is_reader_spec
 from t2t_vit.errors import T2TViTError
 
 MAX_YAML_BYTES = 1 << 20  # a recipe is a few hundred bytes; anything near this is not a recipe
@@ -186,7 +187,7 @@ def check_paths(cfg: Any) -> None:
                 value.encode("utf-8")
         except UnicodeEncodeError as err:
             raise T2TViTError(f"{flag(name)} {value!r} is not valid UTF-8; choose a path whose name is") from err
-    if cfg.data not in BUILTIN and not os.path.exists(cfg.data):
+    if cfg.data not in BUILTIN and not is_reader_spec(cfg.data) and not os.path.exists(cfg.data):
         raise T2TViTError(f"data path {cfg.data!r} does not exist (use --data digits for the built-in demo data)")
     if cfg.finetune is not None and not os.path.isfile(cfg.finetune) and pretrained_tag(cfg.finetune) is None:
         raise T2TViTError(f"--finetune file {cfg.finetune!r} does not exist (and it is no pretrained tag "

@@ -13,7 +13,8 @@ from t2t_vit.train.checks import pretrained_tag, read_yaml
 from t2t_vit.train.config import DEMO_RECIPE, FIELD_TYPES, FIELDS, TrainConfig, list_recipes, load_config
 
 HELP = {
-    "data": "'digits' (built in), an ImageFolder root with train/ and val/, or a CIFAR-10/100 python folder",
+    "data": "'digits' (built in), an ImageFolder root with train/ and val/, a CIFAR-10/100 python folder, "
+            "hfds/<HF dataset folder or name> or wds/<WebDataset shard folder or pattern> (docs/data.md)",
     "model": "a T2T-ViT name (t2t-vit profile --all) or any timm model, built as registered "
              "(without --config and --model: the digits demo recipe)",
     "model_kwargs": "extra model arguments as YAML/JSON, e.g. '{embed_dim: 128, depth: 4}'",
@@ -31,6 +32,8 @@ HELP = {
     "t2t_lr_scale": "lr of the tokenizer (T2T module) = its group's lr × this (small-data studies)",
     "t2t_warmup_epochs": "extra linear warm-up of the tokenizer's lr, in epochs, on top of the shared schedule",
     "drop_path": "stochastic depth rate",
+    "preempt_signals": "signals (and always SIGINT) that stop the run after the current step, save checkpoint-last "
+                       "and exit 128+signal number (143 TERM, 138 USR1); 'none' for none",
 }
 
 
@@ -145,12 +148,13 @@ def run_eval(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from t2t_vit.data import BUILTIN, available_cores, create_datasets, resolve_workers
+    from t2t_vit.data.readers import is_reader_spec
     from t2t_vit.runtime import default_device
     from t2t_vit.train.evaluate import evaluate
 
     if args.batch_size <= 0:
         raise T2TViTError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.data not in BUILTIN and not os.path.exists(args.data):
+    if args.data not in BUILTIN and not is_reader_spec(args.data) and not os.path.exists(args.data):
         raise T2TViTError(f"data path {args.data!r} does not exist")
     model, meta, saved = _eval_model(args)
     img_size = getattr(model, "img_size", None) or tuple((saved or {}).get("input_size", (3, 224, 224))[1:])

@@ -18,7 +18,7 @@ from typing import Any
 
 from t2t_vit.data import BUILTIN
 from t2t_vit.errors import T2TViTError
-from t2t_vit.train import checks
+from t2t_vit.train import checks, preempt
 from t2t_vit.train.checks import coerce, read_yaml
 
 
@@ -91,6 +91,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     save_every_steps: int | None = None
+    preempt_signals: str | None = "TERM,USR1"  # stop gracefully on these (and SIGINT): train/preempt.py
     log_every: int = 50
     device: str = "auto"
     threads: int | None = None  # torch CPU threads per process (None: cores left after the loader workers)
@@ -108,6 +109,7 @@ class TrainConfig:
         checks.check_numbers(self)
         checks.check_paths(self)
         checks.check_model(self)
+        preempt.parse_signals(self.preempt_signals)
         self.__dict__["_checked"] = self.to_dict()
         return self
 

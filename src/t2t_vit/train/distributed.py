@@ -78,6 +78,15 @@ def all_reduce_sum(values: list[float], world: World) -> list[float]:
     return tensor.tolist()
 
 
+def all_reduce_max(value: float, world: World) -> float:
+    """The largest ``value`` over all ranks (a signal number, so every rank stops for the same one)."""
+    if not world.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=world.device if world.device.type == "cuda" else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
 def broadcast_flag(value: bool, world: World) -> bool:
     """True on every rank if it is true on any rank (used to stop all ranks together)."""
     return bool(all_reduce_sum([float(value)], world)[0] > 0)

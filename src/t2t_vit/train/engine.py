@@ -19,7 +19,7 @@ import torch
 
 from t2t_vit.errors import MissingDependency, T2TViTError, require
 from t2t_vit.storage import atomic_write
-from t2t_vit.train import recipe, report, rundir, state as ckpt
+from t2t_vit.train import preempt, recipe, report, rundir, state as ckpt
 from t2t_vit.train.build import Parts, build
 from t2t_vit.train.config import TrainConfig
 from t2t_vit.train.distributed import World, all_reduce_sum, barrier, broadcast_flag, close_world, init_world
@@ -64,6 +64,7 @@ class Run:
         self.cfg, self.world, self.parts, self.out, self.log = cfg, world, parts, out, log
         self.counters = Counters()
         self.tb = None  # the TensorBoard writer (rank 0), opened in run()
+        self.stop = preempt.StopRequest(preempt.parse_signals(cfg.preempt_signals), announce=world.is_main)
 
     # ---- the run --------------------------------------------------------------------------------
     def run(self, stem: str | None) -> dict[str, Any]:
@@ -79,15 +80,20 @@ class Run:
                       f"{self.world.size} process(es), output {self.out}")
         c = self.counters
         try:
-            while c.epoch < cfg.epochs and not self.done():
-                self.train_epoch()
-                if c.position >= parts.batches or self.done():
+            with self.stop:  # a stop signal ends the run after a step, with checkpoint-last saved
+                while c.epoch < cfg.epochs and not self.done():
+                    self.train_epoch()
+                    if self.stop.agreed(self.world):
+                        self.save("checkpoint-last")
+                        raise self.stop.error(self.out, c.step, self.world)
+                    # whole accumulation windows only: leftover micro-batches never make a step
+                    if c.position >= parts.steps_per_epoch * cfg.accum_steps or self.done():
+                        self.end_epoch()
+                if not c.history or c.history[-1]["step"] != c.step:
+                    # resumed from a checkpoint written just before a final evaluation that never finished
+                    self.log.line(f"the evaluation after step {c.step} did not complete before the run stopped; "
+                                  "evaluating now")
                     self.end_epoch()
-            if not c.history or c.history[-1]["step"] != c.step:
-                # resumed from a checkpoint written just before a final evaluation that never finished
-                self.log.line(f"the evaluation after step {c.step} did not complete before the run stopped; "
-                              "evaluating now")
-                self.end_epoch()
         finally:
             if self.tb is not None:
                 self.tb.close()
@@ -138,7 +144,7 @@ class Run:
                 self.account(start, images)
                 start, images = time.perf_counter(), 0
                 self.save("checkpoint-last")
-            if self.done():
+            if self.done() or self.stop.agreed(world):
                 break
         self.account(start, images)
         self.log.end_epoch()
