@@ -47,6 +47,10 @@ def export_onnx(model: nn.Module, output: str | Path, opset: int | None = None) 
             model.eval(), (example_input(model),), str(output), dynamo=True, external_data=False,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
             opset_version=opset, verbose=False,
+            # onnxscript's optimizer (the exporter's default) removes `x + c` for any constant c
+            # within math.isclose(c, 0, abs_tol=1e-8): the Performer's `+ 1e-8` goes, and a trained
+            # model whose normaliser underflows gives NaN logits. onnxruntime folds the graph itself.
+            optimize=False,
         )
     return output
 
