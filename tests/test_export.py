@@ -160,3 +160,24 @@ def test_failed_export_or_check_leaves_the_old_file_and_no_temporary(tmp_path, c
     code, _, err = cli(capsys, "export", *SMALL, "--format", "torchscript", "--output", str(out), "--tolerance", "-1")
     assert code == 2 and "nothing was written" in err
     assert out.read_bytes() == b"previous export" and sorted(tmp_path.iterdir()) == [out]
+
+
+def _tiny_performer_normaliser(model):
+    """Scale the Performer layers' q/k so φ(q)·Σφ(k) underflows: the state a trained model's
+    T2T layers reach on real images, where only the `+ ε` of the normaliser keeps 0/0 away."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, t2t_vit.t2t.TokenPerformer):
+                module.kqv.weight.mul_(5)
+    return model
+
+
+@pytest.mark.e2e
+def test_onnx_keeps_the_performer_epsilon(tmp_path):
+    model = _tiny_performer_normaliser(small("t2t_vit_7"))
+    x = export.example_input(model, 3, seed=1)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert torch.isfinite(torch.from_numpy(expected)).all()  # PyTorch's own answer is finite
+    got = export.run_exported(export.export_onnx(model, tmp_path / "m.onnx"), "onnx", x)
+    assert abs(got - expected).max() < 1e-4  # NaN fails this too

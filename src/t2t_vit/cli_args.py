@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from t2t_vit.deploy import RUNTIMES
 from t2t_vit.inference import PRECISIONS, Inference, load
 
 WEIGHTS = {"preferred": None, "ema": True, "model": False}  # --weights → use_ema
@@ -30,14 +31,20 @@ def add_model_args(parser: argparse.ArgumentParser, weights_default: str = "rand
     group.add_argument("--stem", help="soft-split stem, e.g. 'small' (default: the checkpoint's)")
 
 
-def add_runtime_args(parser: argparse.ArgumentParser, precision: bool = True) -> None:
-    """``--device`` and (optionally) ``--precision``."""
+def add_runtime_args(parser: argparse.ArgumentParser, precision: bool = True, runtimes: bool = False) -> None:
+    """``--device``, (optionally) ``--precision`` and (optionally) ``--runtime``/``--int8``/``--calib-data``."""
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", help="torch device (default: the first GPU if there is one, else cpu)")
     if precision:
         group.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                            help="bf16/fp16: low-precision inference, faster on CPUs with AMX/AVX512-BF16 "
                                 "and on GPUs (default fp32)")
+    if runtimes:
+        group.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                           help="torch, or openvino / onnxruntime on the CPU (same preprocessing and outputs)")
+        group.add_argument("--int8", action="store_true",
+                           help="post-training int8 quantization (openvino: NNCF, onnxruntime: quantize_static)")
+        group.add_argument("--calib-data", metavar="DIR", help="images that calibrate --int8 (up to 300 are read)")
 
 
 def model_source(args: argparse.Namespace) -> dict[str, Any]:
@@ -49,4 +56,10 @@ def model_source(args: argparse.Namespace) -> dict[str, Any]:
 def load_inference(args: argparse.Namespace, device: str | None = None) -> Inference:
     """The model the arguments describe, on ``device`` (else ``--device``), at ``--precision``."""
     return load(**model_source(args), device=device or getattr(args, "device", None),
-                precision=getattr(args, "precision", "fp32"))
+                precision=getattr(args, "precision", "fp32"), **runtime_options(args))
+
+
+def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``runtime``, ``int8`` and ``calib_data`` from :func:`add_runtime_args` (defaults when absent)."""
+    return dict(runtime=getattr(args, "runtime", "torch"), int8=getattr(args, "int8", False),
+                calib_data=getattr(args, "calib_data", None))

@@ -22,33 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from t2t_vit.cli_args import add_model_args, load_inference
+from t2t_vit.deploy.graph import INPUT_NAME, OUTPUT_NAME, example_input, export_onnx  # noqa: F401 (re-exported)
 from t2t_vit.errors import T2TViTError, require
 
-FORMATS = ("onnx", "torchscript")
-INPUT_NAME, OUTPUT_NAME = "image", "logits"
-
-
-def example_input(model: nn.Module, batch: int = 1, seed: int = 0) -> Tensor:
-    """A random (batch, C, H, W) input of the model's size."""
-    gen = torch.Generator().manual_seed(seed)
-    in_chans = getattr(model, "in_chans", 3)
-    return torch.randn(batch, in_chans, *model.img_size, generator=gen).to(next(model.parameters()).device)
-
-
-def export_onnx(model: nn.Module, output: str | Path, opset: int | None = None) -> Path:
-    """Write ``model`` (eval mode) as one self-contained ONNX file with a dynamic batch axis."""
-    require("onnx", "export", "ONNX export")
-    require("onnxscript", "export", "ONNX export")  # torch's torch.export-based exporter translates with it
-    output = Path(output)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.export's notes about specialised shapes
-        torch.onnx.export(
-            model.eval(), (example_input(model),), str(output), dynamo=True, external_data=False,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
-            opset_version=opset, verbose=False,
-        )
-    return output
+FORMATS = ("onnx", "torchscript", "openvino")
 
 
 def export_torchscript(model: nn.Module, output: str | Path) -> Path:
@@ -119,8 +96,38 @@ def export_checked(model: nn.Module, fmt: str, output: str | Path, opset: int | 
     return Path(output), diff
 
 
+# ---- OpenVINO IR: two files (NAME.xml and its weights NAME.bin) --------------------------------
+def export_openvino(model: nn.Module, output: str | Path, check: bool = True, batch: int = 3,
+                    tolerance: float = 1e-4) -> tuple[Path, float | None]:
+    """Write the OpenVINO IR of ``model`` as ``output`` (.xml) and its .bin; with ``check`` the IR
+    is first run (fp32) on a random batch against PyTorch. Both files are written under temporary
+    names and renamed into place (weights first) only once the check passed."""
+    from t2t_vit.deploy import openvino
+
+    output = Path(output)
+    if output.suffix != ".xml":
+        raise T2TViTError(f"an OpenVINO IR is NAME.xml with its weights in NAME.bin; give --output {output.stem}.xml")
+    graph = openvino.convert(model)
+    diff = None
+    with staged(output) as xml, staged(output.with_suffix(".bin")) as weights:
+        with tempfile.TemporaryDirectory(prefix=f".{output.stem}.", dir=output.parent) as folder:
+            written = openvino.save(graph, Path(folder) / "model.xml")
+            if check:
+                diff = check_export(model, written, "openvino", batch=batch)
+                if not diff <= tolerance:
+                    raise T2TViTError(f"exported outputs differ from PyTorch by {diff:.2e} (> {tolerance:g}); "
+                                      f"nothing was written")
+            os.replace(written.with_suffix(".bin"), weights)
+            os.replace(written, xml)
+    return output, diff
+
+
 def run_exported(path: str | Path, fmt: str, x: Tensor) -> np.ndarray:
-    """Run an exported file on ``x`` (onnxruntime on the CPU for ONNX)."""
+    """Run an exported file on ``x`` (onnxruntime on the CPU for ONNX, OpenVINO fp32 for IR)."""
+    if fmt == "openvino":
+        from t2t_vit.deploy import openvino
+
+        return openvino.compile_graph(openvino.read(path), "fp32")(x.cpu().numpy())
     if fmt == "onnx":
         ort = require("onnxruntime", "export", "checking an ONNX file")
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -145,11 +152,14 @@ def check_export(model: nn.Module, path: str | Path, fmt: str, batch: int = 2) -
 
 def run(args: argparse.Namespace) -> int:
     model = load_inference(args, device="cpu").model
-    if args.no_check:
+    if args.format == "openvino":
+        path, diff = export_openvino(model, args.output, not args.no_check, args.check_batch, args.tolerance)
+    elif args.no_check:
         path, diff = export_model(model, args.format, args.output, args.opset), None
     else:
         path, diff = export_checked(model, args.format, args.output, args.opset, args.check_batch, args.tolerance)
-    size_mb = path.stat().st_size / 2**20
+    files = [path, path.with_suffix(".bin")] if args.format == "openvino" else [path]  # an IR is two files
+    size_mb = sum(f.stat().st_size for f in files) / 2**20
     print(f"wrote {path} ({args.format}, {size_mb:.1f} MB, input {INPUT_NAME} (batch, 3, {model.img_size[0]}, "
           f"{model.img_size[1]}) with dynamic batch)")
     if diff is not None:
@@ -158,10 +168,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("export", help="export a model to ONNX or TorchScript (dynamic batch)")
+    p = subparsers.add_parser("export", help="export a model to ONNX, TorchScript or OpenVINO IR (dynamic batch)")
     add_model_args(p)
     p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--output", required=True, help="file to write (.onnx or .pt); replaced only once checked")
+    p.add_argument("--output", required=True, help="file to write (.onnx, .pt, or .xml with its .bin beside it); replaced only once checked")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--no-check", action="store_true", help="skip running the file against PyTorch")
     p.add_argument("--check-batch", type=int, default=3, help="batch size of the check (default 3)")

@@ -14,6 +14,10 @@ pretrained config). Images are decoded by the training loader's reader
     for path, top, error in clf.classify_files(["a.png", "b.jpg"], topk=3):
         ...
 
+``runtime="openvino"`` or ``"onnxruntime"`` runs the same model on that runtime (CPU) with the
+same preprocessing, batching and outputs (:mod:`t2t_vit.deploy`); ``int8=True`` with
+``calib_data=DIR`` quantizes it after training, calibrated on the images of ``DIR``.
+
 The ``predict``, ``visualize`` and ``export`` commands parse their arguments, call this module
 and print.
 """
@@ -29,12 +33,14 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 import t2t_vit
+from t2t_vit import deploy
 from t2t_vit.checkpoint import model_from_checkpoint
 from t2t_vit.errors import T2TViTError
 from t2t_vit.metadata import check_data_config
 from t2t_vit.runtime import default_device
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+CALIBRATION_IMAGES = 300  # NNCF's default subset size; more rarely moves int8 agreement
 T = TypeVar("T")
 
 
@@ -136,6 +142,37 @@ def with_precision(model: nn.Module, precision: str) -> tuple[nn.Module, Callabl
     return t2t_vit.for_inference(model, dtype), contextlib.nullcontext, dtype
 
 
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files under ``folder`` (recursively, hidden ones skipped), sorted."""
+    from t2t_vit.data.folder import _is_image
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise T2TViTError(f"calibration folder {str(folder)!r} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p.name))
+    if not files:
+        raise T2TViTError(f"calibration folder {str(folder)!r} holds no images")
+    return files
+
+
+def calibration_batches(folder: str | Path, transform: Callable[[Image.Image], Tensor], batch_size: int = 8,
+                        limit: int = CALIBRATION_IMAGES) -> list[Any]:
+    """Up to ``limit`` images of ``folder``, preprocessed by ``transform``, as float32 numpy batches."""
+    images = [transform(read_image(p)) for p in image_files(folder)[:limit]]
+    return [torch.stack(chunk).float().numpy() for chunk in batched(images, batch_size)]
+
+
+def on_runtime(model: nn.Module, config: Mapping[str, Any], runtime: str, precision: str = "fp32",
+               int8: bool = False, calib_data: str | Path | None = None) -> nn.Module:
+    """``model`` running on ``runtime`` (:func:`t2t_vit.deploy.on_runtime`, on the CPU); int8 is
+    calibrated on the images of ``calib_data`` preprocessed with ``config``."""
+    deploy.check(runtime, precision, int8)
+    if int8 and calib_data is None:
+        raise T2TViTError("int8 needs calibration images: --calib-data DIR")
+    calibration = calibration_batches(calib_data, eval_transform(config)) if int8 else ()
+    return deploy.on_runtime(model.cpu(), runtime, precision, int8, calibration)
+
+
 # ---- the inference object --------------------------------------------------------------------
 @dataclass
 class Inference:
@@ -147,11 +184,18 @@ class Inference:
     meta: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"
     description: str = "model"
+    runtime: str = "torch"
+    int8: bool = False
+    calib_data: str | Path | None = None
 
     def __post_init__(self) -> None:
         self.model.eval()
         self.transform = eval_transform(self.config)
-        self.model, self._context, self.input_dtype = with_precision(self.model, self.precision)
+        if self.runtime == "torch" and not self.int8:
+            self.model, self._context, self.input_dtype = with_precision(self.model, self.precision)
+            return
+        self.model = on_runtime(self.model, self.config, self.runtime, self.precision, self.int8, self.calib_data)
+        self._context, self.input_dtype = contextlib.nullcontext, torch.float32
 
     @property
     def device(self) -> torch.device:
@@ -223,6 +267,7 @@ def build_model(checkpoint: str | Path | None = None, model: str | None = None, 
 
 def load(checkpoint: str | Path | None = None, model: str | None = None, pretrained: bool = False,
          device: str | torch.device | None = None, precision: str = "fp32", use_ema: bool | None = None,
+         runtime: str = "torch", int8: bool = False, calib_data: str | Path | None = None,
          **overrides: Any) -> Inference:
     """An :class:`Inference` from a checkpoint, a pretrained tag or a model name (random weights).
 
@@ -234,14 +279,19 @@ def load(checkpoint: str | Path | None = None, model: str | None = None, pretrai
         pretrained: load the released weights of ``model`` (``create_model(..., pretrained=True)``).
         device: torch device; default :func:`t2t_vit.runtime.default_device`.
         precision: "fp32", "bf16" or "fp16".
+        runtime: "torch", "openvino" or "onnxruntime" (the last two on the CPU).
+        int8: quantize for ``runtime`` after training, calibrated on the images of ``calib_data``.
         overrides: model arguments that win over the checkpoint (``img_size=64``, ``stem="small"``).
     """
+    deploy.check(runtime, precision, int8)
+    if runtime != "torch" and device is not None and torch.device(device).type != "cpu":
+        raise T2TViTError(f"runtime {runtime} runs on the CPU; leave out --device {device}")
     net, meta = build_model(checkpoint, model, pretrained, use_ema, **overrides)
-    net = net.to(device or default_device()).eval()
+    net = net.to(device or ("cpu" if runtime != "torch" else default_device())).eval()
     name = model or meta.get("model") or (getattr(net, "pretrained_cfg", None) or {}).get("architecture") or "model"
     weights = "" if checkpoint is not None or pretrained else " (random weights)"
     return Inference(net, data_config(net, meta), class_names(getattr(net, "num_classes", 0), meta, net), meta,
-                     precision, f"{name}{weights}")
+                     precision, f"{name}{weights}", runtime, int8, calib_data)
 
 
 def predict(model: nn.Module, images: Sequence[Image.Image], names: Sequence[str], topk: int = 5,

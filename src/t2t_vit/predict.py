@@ -73,7 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("predict", help="classify images: top-k class names and probabilities")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything PIL reads) or folders of them")
     add_model_args(p)
-    add_runtime_args(p)
+    add_runtime_args(p, runtimes=True)
     p.add_argument("--topk", type=int, default=5, help="how many classes to list per image (default 5)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")

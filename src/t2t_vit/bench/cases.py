@@ -131,7 +131,7 @@ def _onnx_step(model: nn.Module, images: Tensor, folder: str) -> tuple[Callable[
     the largest |ONNX - eager| logit difference on ``images``."""
     ort = require("onnxruntime", "export", "the ONNX Runtime benchmark case")
     require("onnxscript", "export", "the ONNX Runtime benchmark case")
-    from t2t_vit.export import export_onnx
+    from t2t_vit.deploy.graph import export_onnx
 
     path = export_onnx(model.eval(), os.path.join(folder, "model.onnx"))
     options = ort.SessionOptions()

@@ -95,7 +95,7 @@ def register(subparsers) -> None:
 
     e = subparsers.add_parser("eval", help="evaluate a checkpoint or released weights: loss, top-1, top-5, throughput")
     add_model_args(e, weights_default="required: --checkpoint, or --model TAG --pretrained")
-    add_runtime_args(e, precision=False)
+    add_runtime_args(e, precision=False, runtimes=True)
     e.add_argument("--data", default="digits")
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--workers", type=int, help="loader processes (default: 0 for in-memory data sets, "
@@ -172,6 +172,12 @@ def run_eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(max(1, min(torch.get_num_threads(), available_cores() - workers)))
     loader = DataLoader(bundle.val, batch_size=args.batch_size, num_workers=workers)
     start = time.perf_counter()
+    if args.runtime != "torch" or args.int8:  # the model runs elsewhere; its precision is the runtime's
+        from t2t_vit.cli_args import runtime_options
+        from t2t_vit.inference import data_config, on_runtime
+
+        model, args.precision = on_runtime(model, data_config(model, meta), precision=args.precision,
+                                           **runtime_options(args)), "fp32"
     m = evaluate(model.to(device), loader, device, args.precision)
     name = args.model or meta.get("model")
     print(f"{name} on {args.data} ({m['images']} images): loss {m['loss']:.4f}  top-1 {m['top1']:.2f}%  "
