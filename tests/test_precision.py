@@ -15,7 +15,7 @@ from test_fastpaths import tiny
 
 import t2t_vit
 from t2t_vit.agreement import bf16_agreement, digits_data, train_briefly
-from t2t_vit.switchboard import for_inference
+from t2t_vit.precision import for_inference
 from t2t_vit.t2t import TokenPerformer, performer_attention
 
 torch.set_num_threads(1)  # the machine is shared; tiny sizes are fast on one thread
@@ -153,3 +153,15 @@ def test_compile_matches_eager_graph_capture():
 @pytest.mark.skipif(os.environ.get("T2T_SLOW") != "1", reason="inductor compiles C++ for minutes here; T2T_SLOW=1")
 def test_compile_inductor_matches_eager():
     _compile_matches_eager("inductor")
+
+
+def test_for_inference_takes_a_precision_name_and_refuses_others_in_one_line():
+    """``for_inference(m, "bf16")`` raised AttributeError ('str' has no is_floating_point)."""
+    from t2t_vit import T2TViTError
+
+    model = t2t_vit.create_model("t2t_vit_7", num_classes=3, img_size=32, stem="small", depth=1)
+    assert next(for_inference(model, "bf16").parameters()).dtype == torch.bfloat16
+    assert model.tokens_to_token.attention1.w.dtype == torch.float32  # the Performer's projection stays fp32
+    for bad in ("int8", torch.int8):
+        with pytest.raises(T2TViTError, match="precision"):
+            for_inference(model, bad)

@@ -18,7 +18,8 @@ from t2t_vit.errors import T2TViTError, did_you_mean
 from t2t_vit.interop import checkpoint_defaults
 from t2t_vit.model import T2TViT, set_fused_attn
 from t2t_vit.pretrained import from_pretrained, save_pretrained
-from t2t_vit.switchboard import attention_kernels, configure, for_inference, reference_formulation
+from t2t_vit.precision import for_inference
+from t2t_vit.switchboard import attention_kernels, configure, reference_formulation
 from t2t_vit.variants import VARIANTS, list_models
 
 __version__ = "0.1.0"

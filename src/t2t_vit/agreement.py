@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import t2t_vit
-from t2t_vit.switchboard import for_inference
+from t2t_vit.precision import for_inference
 
 
 def digits_data(img_size: int = 16) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -10,7 +10,8 @@ import argparse
 from typing import Any
 
 from t2t_vit.deploy import RUNTIMES
-from t2t_vit.inference import PRECISIONS, Inference, load
+from t2t_vit.inference import Inference, load
+from t2t_vit.precision import PRECISIONS
 
 WEIGHTS = {"preferred": None, "ema": True, "model": False}  # --weights → use_ema
 

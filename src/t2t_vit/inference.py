@@ -37,9 +37,9 @@ from t2t_vit import deploy
 from t2t_vit.checkpoint import model_from_checkpoint
 from t2t_vit.errors import T2TViTError
 from t2t_vit.metadata import check_data_config
+from t2t_vit.precision import PRECISIONS, check_precision, for_inference
 from t2t_vit.runtime import default_device
 
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CALIBRATION_IMAGES = 300  # NNCF's default subset size; more rarely moves int8 agreement
 T = TypeVar("T")
 
@@ -134,12 +134,10 @@ def with_precision(model: nn.Module, precision: str) -> tuple[nn.Module, Callabl
     Performer feature maps stay fp32) and inputs are cast to that dtype; logits are turned to
     fp32 before the softmax.
     """
-    if precision not in PRECISIONS:
-        raise T2TViTError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
+    dtype = PRECISIONS[check_precision(precision)]
     if dtype is None:
         return model, contextlib.nullcontext, torch.float32
-    return t2t_vit.for_inference(model, dtype), contextlib.nullcontext, dtype
+    return for_inference(model, dtype), contextlib.nullcontext, dtype
 
 
 def image_files(folder: str | Path) -> list[Path]:

@@ -122,26 +122,6 @@ def reference_formulation(model: nn.Module, enable: bool = True) -> nn.Module:
     return configure(model, **(REFERENCE if enable else defaults()))
 
 
-def for_inference(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """``model`` ready for low-precision inference: weights in ``dtype``, eval mode; returns it.
-
-    Unlike ``torch.autocast``, no weight is cast per call: the cast happens once, here. Buffers a
-    module lists in ``fp32_buffers`` (the Performer's random projection ``w``) stay float32, and the
-    Performer's feature maps and normaliser are computed in float32 as always; LayerNorm, softmax
-    and matmuls run in ``dtype`` (with float32 accumulation in PyTorch's kernels). Images may
-    still be passed in float32: the model casts its input to its weights' dtype. Logits come out
-    in ``dtype``. Convert a copy (``copy.deepcopy``) to keep the float32 model too.
-    """
-    if not dtype.is_floating_point:
-        raise T2TViTError(f"for_inference needs a floating-point dtype, got {dtype}")
-    kept = [(module, name, getattr(module, name)) for module in model.modules()
-            for name in getattr(module, "fp32_buffers", ())]
-    model.to(dtype).eval()
-    for module, name, tensor in kept:
-        setattr(module, name, tensor.float())
-    return model
-
-
 def choices_of(model: nn.Module) -> dict[str, list[str]]:
     """The distinct values each choice has in ``model`` (empty where no module follows it)."""
     found: dict[str, list[str]] = {name: [] for name in CHOICES}

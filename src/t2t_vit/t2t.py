@@ -218,7 +218,7 @@ class TokenPerformer(nn.Module):
         self.core = PerformerCore()
         w = nn.init.orthogonal_(torch.empty(self.num_features, out_dim)) * math.sqrt(self.num_features)
         self.register_buffer("w", w)
-        self.fp32_buffers = ("w",)  # kept in float32 by switchboard.for_inference
+        self.fp32_buffers = ("w",)  # kept in float32 by precision.for_inference
 
     @property
     def epsilon(self) -> float:

@@ -7,7 +7,7 @@ a closure with no arguments. Modes of a T2T-ViT model:
   plain softmax attention, the einsum Performer, ``nn.Unfold`` soft splits), fp32, eager;
 - ``reference-bf16``: the same under bf16 autocast (what a user of the paper's code would do);
 - ``fp32``: our defaults, fp32;
-- ``bf16``: inference with the explicit bf16 model of :func:`t2t_vit.switchboard.for_inference`;
+- ``bf16``: inference with the explicit bf16 model of :func:`t2t_vit.precision.for_inference`;
   a training step runs the defaults under bf16 autocast;
 - ``onnx``: the fp32 defaults exported to ONNX, run by ONNX Runtime on the CPU (inference only);
 - ``compile`` / ``compile-bf16``: the defaults under ``torch.compile`` (opt-in).
@@ -27,9 +27,9 @@ from torch import Tensor, nn
 
 import t2t_vit
 from t2t_vit.errors import T2TViTError, require
-from t2t_vit.train.evaluate import autocast
+from t2t_vit.precision import autocast, for_inference
 
-from t2t_vit.switchboard import attention_kernels, for_inference, reference_formulation
+from t2t_vit.switchboard import attention_kernels, reference_formulation
 
 MODELS = ("t2t_vit_7", "t2t_vit_14", "t2t_vit_t_14", "t2t_vit_24")
 DEFAULT_MODELS = ("t2t_vit_14", "t2t_vit_t_14")

@@ -18,6 +18,7 @@ import yaml
 from t2t_vit.data import BUILTIN
 from t2t_vit.data.readers import is_reader_spec
 from t2t_vit.errors import T2TViTError
+from t2t_vit.precision import PRECISIONS
 
 MAX_YAML_BYTES = 1 << 20  # a recipe is a few hundred bytes; anything near this is not a recipe
 MAX_IMG_SIZE = 4096  # pixels per side; the paper trains at 224 and fine-tunes at 384
@@ -136,7 +137,7 @@ def check_numbers(cfg: Any) -> None:
         value = getattr(cfg, name)
         if not (low <= value <= high if closed else low <= value < high):
             raise T2TViTError(f"{flag(name)} must be in [{low}, {high}{']' if closed else ')'}, got {value}")
-    _choice("precision", cfg.precision, ("fp32", "bf16", "fp16"))
+    _choice("precision", cfg.precision, tuple(PRECISIONS))
     _choice("opt", cfg.opt, ("adamw", "sgd", "adam", "lamb", "momentum"))
     _choice("distill", cfg.distill, ("soft", "hard"))
     if cfg.opt == "sgd" and cfg.momentum == 0:

@@ -9,6 +9,7 @@ import time
 from t2t_vit.cli_args import add_model_args, add_runtime_args
 from t2t_vit.errors import T2TViTError
 from t2t_vit.model import to_2tuple_size
+from t2t_vit.precision import PRECISIONS
 from t2t_vit.train.checks import pretrained_tag, read_yaml
 from t2t_vit.train.config import DEMO_RECIPE, FIELD_TYPES, FIELDS, TrainConfig, list_recipes, load_config
 
@@ -100,7 +101,7 @@ def register(subparsers) -> None:
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--workers", type=int, help="loader processes (default: 0 for in-memory data sets, "
                    "else up to 8, never more than the CPUs)")
-    e.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    e.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
     e.add_argument("--crop-pct", type=float)
     e.set_defaults(func=run_eval)
 

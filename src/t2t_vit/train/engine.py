@@ -23,7 +23,8 @@ from t2t_vit.train import preempt, recipe, report, rundir, state as ckpt
 from t2t_vit.train.build import Parts, build
 from t2t_vit.train.config import TrainConfig
 from t2t_vit.train.distributed import World, all_reduce_sum, barrier, broadcast_flag, close_world, init_world
-from t2t_vit.train.evaluate import autocast, evaluate
+from t2t_vit.precision import autocast
+from t2t_vit.train.evaluate import evaluate
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

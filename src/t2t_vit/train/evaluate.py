@@ -1,7 +1,6 @@
 """Evaluation: loss, top-1, top-5 and throughput of a model on a data set (single process or DDP)."""
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
@@ -10,16 +9,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from t2t_vit.errors import T2TViTError
+from t2t_vit.precision import autocast
 from t2t_vit.train.distributed import World, all_reduce_sum
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, precision: str):
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @torch.no_grad()
