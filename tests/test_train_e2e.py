@@ -118,7 +118,7 @@ def test_finetune_new_head_and_distillation(tmp_path):
 
 
 def test_timm_model_checkpoint_rebuilds_with_its_own_img_size(tmp_path):
-    from t2t_vit.pretrained import model_from_checkpoint
+    from t2t_vit.checkpoint import model_from_checkpoint
 
     cfg = TrainConfig(data="digits", model="vit_tiny_patch16_224", img_size=32, workers=0, threads=1,
                       log_every=1000, epochs=1, max_steps=1, batch_size=8, output=str(tmp_path / "vit"),

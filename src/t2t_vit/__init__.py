@@ -16,7 +16,7 @@ from t2t_vit.checkpoint import (
 )
 from t2t_vit.errors import T2TViTError, did_you_mean
 from t2t_vit.interop import checkpoint_defaults
-from t2t_vit.model import T2TViT, set_fused_attn
+from t2t_vit.model import T2TViT
 from t2t_vit.pretrained import from_pretrained, save_pretrained
 from t2t_vit.precision import for_inference
 from t2t_vit.switchboard import attention_kernels, configure, reference_formulation
@@ -24,7 +24,7 @@ from t2t_vit.variants import VARIANTS, list_models
 
 __version__ = "0.1.0"
 __all__ = [
-    "T2TViT", "T2TViTError", "VARIANTS", "create_model", "list_models", "set_fused_attn", "__version__",
+    "T2TViT", "T2TViTError", "VARIANTS", "create_model", "list_models", "__version__",
     "load_checkpoint", "read_state_dict", "read_metadata", "save_weights", "save_pretrained", "from_pretrained",
     "read_checkpoint", "adapt_state_dict", "model_from_checkpoint", "LoadReport",
     "configure", "reference_formulation", "attention_kernels", "for_inference",

@@ -14,7 +14,6 @@ head/fit check lives.
 """
 from __future__ import annotations
 
-import difflib
 import math
 import os
 from typing import Any, Mapping
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 from t2t_vit.adapting import (  # noqa: F401 (re-exported)
     LoadReport, adapt_state_dict, check_fit, describe_state_dict, load_adapted, mismatch_message,
 )
-from t2t_vit.errors import T2TViTError
+from t2t_vit.errors import T2TViTError, did_you_mean
 from t2t_vit.interop import pretrained_cfg_fields
 from t2t_vit.metadata import check_img_size, check_model_name, validate_metadata  # noqa: F401
 from t2t_vit.modelguard import base_name, check_budget, screen_arguments
@@ -87,8 +86,7 @@ def probe_model(name: str, kwargs: Mapping[str, Any], path: Any) -> None:
     import timm
 
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models() + list(VARIANTS), n=3)
-        raise T2TViTError(f"{path}: unknown model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        raise T2TViTError(f"{path}: unknown model {name!r}{did_you_mean(name, timm.list_models() + list(VARIANTS))}")
     check_budget(name, kwargs, path)
 
 

@@ -37,7 +37,8 @@ def require(module: str, extra: str, purpose: str) -> ModuleType:
         ) from err
 
 
-def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
-    """``"; did you mean a, b?"`` for the closest of ``choices`` to ``word``, or ``""`` when none is close."""
+def did_you_mean(word: str, choices: Iterable[str], n: int = 3, quote: bool = False) -> str:
+    """``"; did you mean a, b?"`` for the closest of ``choices`` to ``word``, or ``""`` when none is
+    close; ``quote`` writes each suggestion as ``'a'``."""
     close = difflib.get_close_matches(str(word), list(choices), n=n)
-    return f"; did you mean {', '.join(close)}?" if close else ""
+    return f"; did you mean {', '.join(map(repr, close) if quote else close)}?" if close else ""

@@ -3,7 +3,6 @@
 The class also fulfils timm's model contract (forward_features / forward_head, intermediates,
 gradient checkpointing, classifier reset, weight-decay exclusions) so every timm tool works.
 """
-import warnings
 from typing import List, Sequence, Tuple
 
 import torch
@@ -14,7 +13,6 @@ from timm.models._manipulate import checkpoint_seq
 
 from t2t_vit.blocks import DenseBlock, Transition, build_blocks
 from t2t_vit.errors import T2TViTError
-from t2t_vit import switchboard
 from t2t_vit.layers import sinusoid_table
 from t2t_vit.t2t import SoftSplitSpec, T2TModule, build_tokenizer, token_grid
 
@@ -341,9 +339,3 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
 
-
-def set_fused_attn(model: nn.Module, enable: bool = True) -> nn.Module:
-    """Deprecated: ``switchboard.configure(model, attention="fused" | "math")`` does this."""
-    warnings.warn("set_fused_attn is deprecated; use t2t_vit.configure(model, attention=...)", DeprecationWarning,
-                  stacklevel=2)
-    return switchboard.configure(model, attention="fused" if enable else "math")

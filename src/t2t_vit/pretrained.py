@@ -18,7 +18,6 @@ from torch import nn
 from t2t_vit.checkpoint import (
     FORMAT, WEIGHTS_NAME, build_from_checkpoint, checkpoint_model_kwargs, create_checked, load_checkpoint, save_weights,
 )
-from t2t_vit.checkpoint import model_from_checkpoint  # noqa: F401 (its former home)
 from t2t_vit.errors import T2TViTError
 from t2t_vit.reading import FOLDER_WEIGHTS
 from t2t_vit.metadata import check_data_config, check_model_kwargs, check_model_name

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any
 
 import torch
 from torch import nn
@@ -164,10 +163,3 @@ def attention_kernels(
             kernels[name] = auto_kernel(device, dtype, lengths[name], grad) if kernel == "auto" else kernel
     return kernels
 
-
-def summarize_kernels(kernels: dict[str, Any]) -> str:
-    """"fused×14, math×2" style one-liner for tables."""
-    counts: dict[str, int] = {}
-    for kernel in kernels.values():
-        counts[kernel] = counts.get(kernel, 0) + 1
-    return ", ".join(f"{k}×{n}" for k, n in sorted(counts.items())) or "none"

@@ -133,12 +133,8 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     chosen, source = select_state_dict(state_dict, None, where, preferred=meta.get("preferred", "ema"))
     check_finite(chosen, where)
     adapted, report = adapt_state_dict(chosen, model, meta, LoadReport(path=where, source=source))
-    check_fit(report, adapted, model, strict=True, new_head=True, guess=_guess)
+    check_fit(report, adapted, model, strict=True, new_head=True, guess=likely_variants)
     return adapted
-
-
-def _guess(desc: Mapping[str, Any]) -> list[str]:
-    return likely_variants(desc)
 
 
 def _source_is_url(cfg: Mapping[str, Any]) -> bool:
@@ -205,7 +201,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> T2TViT:
     model.pretrained_cfg["input_size"] = (model.pretrained_cfg.get("input_size", (3,))[0], *target.img_size)
     if download:
         release = RELEASES.get(f"{variant}.{cfg.get('tag')}")
-        load_released(target, model.pretrained_cfg, guess=_guess, size=release.size if release else None,
+        load_released(target, model.pretrained_cfg, guess=likely_variants, size=release.size if release else None,
                       digest=release.digest if release else None, folder=kwargs.get("cache_dir"))
     return model
 

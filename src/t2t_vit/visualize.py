@@ -66,17 +66,14 @@ def feature_maps(model: T2TViT, x: Tensor, blocks: Sequence[int]) -> list[tuple[
         raise T2TViTError(f"block numbers must be between 1 and {depth} for this model, got {bad}")
     maps: list[tuple[str, Tensor]] = []
     if isinstance(model.tokens_to_token, T2TModule):
-        _, stages = _t2t_stages(model.tokens_to_token, x)
+        _, stages = model.tokens_to_token.forward_stages(x)
         maps += [(f"T2T layer {i}", stage[0]) for i, stage in enumerate(stages, 1)]
     indices = sorted(set(b - 1 for b in blocks))
-    outputs = model.forward_intermediates(x, indices=indices, intermediates_only=True, output_fmt="NCHW")
+    stem = getattr(model, "num_stem_levels", 0)  # forward_intermediates counts the T2T maps first
+    outputs = model.forward_intermediates(x, indices=[stem + i for i in indices], intermediates_only=True,
+                                          output_fmt="NCHW")
     maps += [(f"block {i + 1}", out[0]) for i, out in zip(indices, outputs)]
     return maps
-
-
-def _t2t_stages(t2t: T2TModule, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """The T2T module's tokens and its re-structurized token images, one per T2T layer."""
-    return t2t.forward_stages(x)
 
 
 def _normalise(img: Tensor) -> np.ndarray:

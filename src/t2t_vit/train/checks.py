@@ -5,7 +5,6 @@ Every problem is one :class:`T2TViTError` sentence naming the flag.
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 import os
@@ -14,18 +13,18 @@ import typing
 from typing import Any
 
 import yaml
+from timm.models import split_model_name_tag
 
 from t2t_vit.data import BUILTIN
 from t2t_vit.data.readers import is_reader_spec
-from t2t_vit.errors import T2TViTError
+from t2t_vit.errors import T2TViTError, did_you_mean
+from t2t_vit.metadata import MAX_IMG
 from t2t_vit.precision import PRECISIONS
 
 MAX_YAML_BYTES = 1 << 20  # a recipe is a few hundred bytes; anything near this is not a recipe
-MAX_IMG_SIZE = 4096  # pixels per side; the paper trains at 224 and fine-tunes at 384
 MAX_BATCH_SIZE = 1 << 16
 MAX_LR = 10.0  # far above any recipe (SGD on ImageNet uses ~0.1-5); larger is a typo, not a schedule
 MAX_SEED = 2**32 - 1  # NumPy's seed range
-PRETRAINED_TAG_SEPARATOR = "."
 
 
 # ---- YAML: bounded size, no aliases (an alias bomb expands a few hundred bytes into gigabytes) ----
@@ -167,8 +166,8 @@ def _check_img_size(img_size: Any) -> None:
     if not isinstance(sizes, list) or len(sizes) not in (1, 2) or not all(
             isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
         raise T2TViTError(f"--img-size must be a positive int or H,W, got {img_size!r}")
-    if max(sizes) > MAX_IMG_SIZE:
-        raise T2TViTError(f"--img-size must be at most {MAX_IMG_SIZE} pixels per side, got {img_size!r}")
+    if max(sizes) > MAX_IMG:
+        raise T2TViTError(f"--img-size must be at most {MAX_IMG} pixels per side, got {img_size!r}")
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -203,7 +202,7 @@ def pretrained_tag(name: str) -> tuple[str, str] | None:
     """``(model, tag)`` when ``name`` is a registered T2T-ViT name with a tag, e.g. ``t2t_vit_14.in1k``."""
     import t2t_vit
 
-    model, _, tag = str(name).partition(PRETRAINED_TAG_SEPARATOR)
+    model, tag = split_model_name_tag(str(name))
     if tag and model in t2t_vit.list_models() and os.path.sep not in name:
         return model, tag
     return None
@@ -233,9 +232,7 @@ def check_model(cfg: Any) -> None:
             pretrained_cfg = timm.models.get_pretrained_cfg(cfg.model)
             cfg.img_size = list(pretrained_cfg.input_size[1:]) if pretrained_cfg else 224
     else:
-        close = difflib.get_close_matches(cfg.model, t2t_vit.list_models() + timm.list_models(), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise T2TViTError(f"unknown model {cfg.model!r}{hint}")
+        raise T2TViTError(f"unknown model {cfg.model!r}{did_you_mean(cfg.model, t2t_vit.list_models() + timm.list_models())}")
     if isinstance(cfg.img_size, list) and len(cfg.img_size) == 1:
         cfg.img_size = cfg.img_size[0]
     if isinstance(cfg.img_size, list) and cfg.img_size[0] == cfg.img_size[1]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from t2t_vit.data import BUILTIN
-from t2t_vit.errors import T2TViTError
+from t2t_vit.errors import T2TViTError, did_you_mean
 from t2t_vit.train import checks, preempt
 from t2t_vit.train.checks import coerce, read_yaml
 
@@ -131,13 +131,10 @@ DEMO_RECIPE = "digits"  # what `t2t-vit train` with neither --config nor --model
 
 def check_keys(values: dict[str, Any], source: str) -> None:
     """Refuse unknown keys, suggesting the closest valid one and listing them all."""
-    import difflib
-
     for key in values:
         if key not in FIELDS:
-            close = difflib.get_close_matches(str(key), list(FIELDS), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise T2TViTError(f"unknown config key {key!r} in {source}; {hint}valid keys: {', '.join(FIELDS)}")
+            hint = did_you_mean(key, FIELDS, n=1, quote=True)
+            raise T2TViTError(f"unknown config key {key!r} in {source}{hint}; valid keys: {', '.join(FIELDS)}")
 
 
 def recipe_path(name_or_path: str) -> str:

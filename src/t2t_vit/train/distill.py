@@ -36,7 +36,7 @@ def build_teacher(cfg: TrainConfig, num_classes: int, device: torch.device) -> n
     """The teacher from one of our checkpoints (architecture read from its metadata), or a model
     name with optional ``teacher_checkpoint``; frozen and in eval mode."""
     from t2t_vit.checkpoint import load_checkpoint
-    from t2t_vit.pretrained import model_from_checkpoint
+    from t2t_vit.checkpoint import model_from_checkpoint
     from t2t_vit.train.recipe import build_model
 
     if os.path.isfile(cfg.teacher):

@@ -1,7 +1,6 @@
 """The paper's recipe as timm parts: model, AdamW/SGD param groups, cosine schedule, EMA, mixup, loss."""
 from __future__ import annotations
 
-import math
 
 import timm
 import torch
@@ -161,6 +160,3 @@ def lr_now(optimizer: torch.optim.Optimizer) -> float:
     """The head's (largest) learning rate, for logs."""
     return max(group["lr"] for group in optimizer.param_groups)
 
-
-def is_finite(value: torch.Tensor | float) -> bool:
-    return bool(torch.isfinite(torch.as_tensor(value)).all()) if isinstance(value, torch.Tensor) else math.isfinite(value)
