@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from t2t_vit.errors import T2TViTError
+from t2t_vit.runtime import default_device
 
 
 @dataclass
@@ -36,7 +37,7 @@ def init_world(device: str = "auto") -> World:
     if rank >= size:
         raise T2TViTError(f"the environment variable RANK={rank} must be below WORLD_SIZE={size}")
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device()
     if device == "cuda":
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
