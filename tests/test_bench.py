@@ -139,14 +139,14 @@ def test_targets_are_read_from_rows_and_memory():
 
 
 def test_out_of_memory_case_is_reported_and_the_others_go_on(monkeypatch):
-    real = bench_suite._warm_case
+    real = bench_suite.warm_case
 
     def warm(name, mode, *args):
         if mode == "fp32":
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(name, mode, *args)
 
-    monkeypatch.setattr(bench_suite, "_warm_case", warm)
+    monkeypatch.setattr(bench_suite, "warm_case", warm)
     logged = []
     rows = bench_model("t2t_vit_7", ["reference", "fp32"], [("infer", 1)], repeats=1, device=CPU, img_size=32,
                        log=logged.append)

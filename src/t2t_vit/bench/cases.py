@@ -144,7 +144,7 @@ def _onnx_step(model: nn.Module, images: Tensor, folder: str) -> tuple[Callable[
     return (lambda: session.run(None, feed)), diff
 
 
-def _warm_case(
+def warm_case(
     name: str, mode: str, task: str, base: nn.Module | None, images: Tensor, labels: Tensor, img_size: int,
     folder: str | None = None,
 ) -> dict:

@@ -14,7 +14,7 @@ import torch
 import t2t_vit
 from t2t_vit.agreement import digits_agreement
 from t2t_vit.bench.cases import (
-    AGREEMENT_MODEL, COMPILE_BATCH, COMPILE_MODELS, OTHER_MODES, OTHERS, _warm_case, build_other, precision_of,
+    AGREEMENT_MODEL, COMPILE_BATCH, COMPILE_MODELS, OTHER_MODES, OTHERS, warm_case, build_other, precision_of,
 )
 from t2t_vit.bench.measure import forward_flops, matmul_rate, profile_bound, time_alternating, training_memory
 from t2t_vit.runtime import malloc_tuned
@@ -41,7 +41,7 @@ def _warm_group(cases, task, bases, images, labels, img_size, folder, log) -> tu
     for model, mode in cases:
         start = time.perf_counter()
         try:
-            warmed[f"{model} {mode}"] = dict(model=model, mode=mode, **_warm_case(
+            warmed[f"{model} {mode}"] = dict(model=model, mode=mode, **warm_case(
                 model, mode, task, bases[model], images, labels, img_size, folder))
             log(f"  {model} {mode}: ready in {time.perf_counter() - start:.1f} s")
             continue
