@@ -297,6 +297,9 @@ class Run:
         ckpt.set_rng_state(st["rng"][rank] if rank < len(st["rng"]) else st["rng"][0])
         c = self.counters
         self.log.line(f"resumed from {stem} at step {c.step} (epoch {c.epoch + 1}, batch {c.position})")
+        changes = rundir.resume_changes(self.cfg, stem)
+        if changes:
+            self.log.line(f"resuming with {', '.join(changes)}")
 
     # ---- the end ------------------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:
