@@ -118,6 +118,15 @@ def _remove_if_only_lock(out: str) -> None:
         return
 
 
+def identity(out: str) -> tuple[int, int] | None:
+    """(device, inode) of the run directory's lock file; None once it is gone."""
+    try:
+        st = os.stat(os.path.join(out, LOCK_NAME))
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def check_writable(out: str) -> None:
     try:
         tempfile.TemporaryFile(dir=out).close()
