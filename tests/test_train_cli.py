@@ -191,10 +191,58 @@ def test_checkpoint_records_the_data_config(small_run):
 
 
 def test_resume_from_another_size_is_one_line(small_run, tmp_path):
+    import shutil
+
     other = dict(BASE, model_kwargs=dict(BASE["model_kwargs"], embed_dim=32), max_steps=2)
-    with pytest.raises(T2TViTError, match="belong to another model .*config.yaml") as info:
+    with pytest.raises(T2TViTError, match="--model-kwargs .* differs from the run's") as info:
         train(TrainConfig(**other, output=str(tmp_path / "x"), resume=str(small_run)))
     assert len(str(info.value).splitlines()) == 1
+    run = tmp_path / "no_config"  # without its config.yaml, the weights themselves are compared
+    shutil.copytree(small_run, run)
+    (run / "config.yaml").unlink()
+    with pytest.raises(T2TViTError, match="belong to another model .*config.yaml") as info:
+        train(TrainConfig(**other, output=str(tmp_path / "y"), resume=str(run)))
+    assert len(str(info.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--lr", "0.5", "--epochs", "5", "--batch-size", "7"],
+     "--epochs 5 differs from the run's 1, --batch-size 7 differs from the run's 8, --lr 0.5 differs from the run's "
+     "0.001; resume takes the run's settings (its config.yaml), or start a new --output"),
+    (["--data", "TMP"], "--data "),  # another data set
+    (["--opt", "sgd"], "--opt \"sgd\" differs from the run's \"adamw\""),  # was KeyError: 'momentum'
+])
+def test_resume_refuses_settings_that_cannot_change(argv, needle, small_run, tmp_path, capsys):
+    """Issue 23 item 3: a resume with another lr/epochs/batch/data/optimizer ran on silently."""
+    import shutil
+
+    from t2t_vit.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    argv = [a.replace("TMP", str(tmp_path)) for a in argv]
+    assert main(["train", "--output", str(run), "--resume", "auto", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"} == before
+
+
+def test_resume_takes_the_runs_settings_and_announces_what_may_change(small_run, tmp_path, capsys):
+    import shutil
+
+    from t2t_vit.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    stale = run / ".checkpoint-last.state.pt.k2j4h1.tmp"  # what a SIGKILL in the middle of a write leaves
+    stale.write_bytes(b"\0" * 1024)
+    # no model flags at all: the run's own config.yaml is the base, not the demo recipe
+    assert main(["train", "--output", str(run), "--resume", "auto", "--max-steps", "2", "--log-every", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming with --max-steps 2 (the run had 1), --log-every 7 (the run had 1000)" in out
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 2
+    assert not stale.exists()  # item 15: removed on resume
 
 
 def test_resume_from_a_state_missing_keys_is_one_line(small_run, tmp_path):
@@ -207,6 +255,24 @@ def test_resume_from_a_state_missing_keys_is_one_line(small_run, tmp_path):
     torch.save(state, run / "checkpoint-last.state.pt")
     with pytest.raises(T2TViTError, match="lacks optimizer, rng"):
         train(TrainConfig(**dict(BASE, max_steps=2), output=str(run), resume="auto"))
+
+
+@pytest.mark.parametrize("key, value", [("epoch", "abc"), ("position", -3), ("history", 5), ("best", []),
+                                        ("epoch_sums", [1.0]), ("train_seconds", float("nan")),
+                                        ("rng", [{"python": 1}]), ("scheduler", [1, 2])])
+def test_resume_from_a_state_with_malformed_values_is_one_line(key, value, small_run, tmp_path):
+    """Issue 23 item 12: such values raised TypeError/KeyError/ValueError deep inside the loop."""
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(small_run, run)
+    state = torch.load(run / "checkpoint-last.state.pt", weights_only=True)
+    state[key] = value
+    torch.save(state, run / "checkpoint-last.state.pt")
+    with pytest.raises(T2TViTError) as info:
+        train(TrainConfig(**dict(BASE, max_steps=2), output=str(run), resume="auto"))
+    assert len(str(info.value).splitlines()) == 1
+    assert key in str(info.value) or "random-number states" in str(info.value)
 
 
 def test_compile_and_distillation_say_they_are_on(small_run, tmp_path, monkeypatch, capsys):

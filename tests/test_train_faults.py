@@ -98,7 +98,8 @@ def kill_when(proc: subprocess.Popen, path: Path, timeout: float = 300) -> None:
 @pytest.mark.e2e
 def test_killed_during_the_final_evaluation_resumes_to_the_end(tmp_path):
     out = tmp_path / "run"
-    args = ["--workers", "0", "--max-steps", "4", "--save-every-steps", "4", "--output", str(out)]
+    # two forked loader workers: the resume right after the SIGKILL must not find the lock held (item 13)
+    args = ["--workers", "2", "--max-steps", "4", "--save-every-steps", "4", "--output", str(out)]
     proc = subprocess.Popen(train_cmd(*args), env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_when(proc, out / "checkpoint-last.safetensors")  # step 4 saved, its evaluation under way
     assert not (out / "metrics.json").exists()
@@ -137,3 +138,26 @@ def test_a_sigkilled_trainers_lock_is_free_at_once(tmp_path, attempt):
             pass
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def test_output_directory_deleted_mid_run_stops_with_one_line(tmp_path, monkeypatch):
+    """Issue 23 item 14: the directory was re-created without .lock/config.yaml and the run died in
+    TensorBoard with a traceback."""
+    import shutil
+
+    from t2t_vit.errors import T2TViTError
+    from t2t_vit.train import TrainConfig, report, train
+
+    out = tmp_path / "run"
+    real_step = report.Progress.step
+
+    def step(self, step, *args):
+        if step == 2:
+            shutil.rmtree(out)  # someone cleans up runs/ while this one trains
+        return real_step(self, step, *args)
+
+    monkeypatch.setattr(report.Progress, "step", step)
+    with pytest.raises(T2TViTError, match="was deleted or replaced during the run") as info:
+        train(TrainConfig(**TINY, max_steps=4, save_every_steps=3, output=str(out)))
+    assert len(str(info.value).splitlines()) == 1
+    assert not out.exists()  # not silently re-created

@@ -10,7 +10,9 @@ import argparse
 from typing import Any
 
 from t2t_vit.deploy import RUNTIMES
+from t2t_vit.errors import T2TViTError
 from t2t_vit.inference import Inference, load
+from t2t_vit.metadata import MAX_IMG
 from t2t_vit.precision import PRECISIONS
 
 WEIGHTS = {"preferred": None, "ema": True, "model": False}  # --weights → use_ema
@@ -48,8 +50,20 @@ def add_runtime_args(parser: argparse.ArgumentParser, precision: bool = True, ru
         group.add_argument("--calib-data", metavar="DIR", help="images that calibrate --int8 (up to 300 are read)")
 
 
+def check_range(flag: str, value: int | None, low: int, high: int | None = None) -> None:
+    """One line for a number flag outside ``[low, high]``: argparse only checks that it is a number."""
+    if value is not None and (value < low or (high is not None and value > high)):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise T2TViTError(f"{flag} must be {bound}, got {value}")
+
+
+def check_img_size(value: int | None) -> None:
+    check_range("--img-size", value, 1, MAX_IMG)
+
+
 def model_source(args: argparse.Namespace) -> dict[str, Any]:
     """The keywords of :func:`t2t_vit.inference.load` that :func:`add_model_args` collected."""
+    check_img_size(args.img_size)
     return dict(checkpoint=args.checkpoint, model=args.model, pretrained=args.pretrained,
                 use_ema=WEIGHTS[args.weights], img_size=args.img_size, stem=args.stem)
 

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from t2t_vit.cli_args import add_model_args, load_inference
-from t2t_vit.deploy.graph import INPUT_NAME, OUTPUT_NAME, example_input, export_onnx  # noqa: F401 (re-exported)
+from t2t_vit.cli_args import add_model_args, check_range, load_inference
+from t2t_vit.deploy.graph import INPUT_NAME, MAX_BATCH, OUTPUT_NAME, example_input, export_onnx  # noqa: F401 (re-exported)
 from t2t_vit.errors import T2TViTError, require
 
 FORMATS = ("onnx", "torchscript", "openvino")
@@ -46,15 +46,18 @@ def staged(output: str | Path) -> Iterator[Path]:
 
     Readers see no file or the whole new one: on any failure (read-only folder, disk full, an
     exporter error, a failed check) the temporary file is removed and ``output`` is untouched.
+    An ``output`` that is a symlink keeps its link: the file it points to is replaced. The file
+    gets the usual mode (0666 less the umask), not a private temporary file's 0600.
     """
-    output = Path(output)
+    output = Path(os.path.realpath(output)) if os.path.islink(output) else Path(output)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=output.suffix or ".tmp", dir=output.parent)
         os.close(fd)
+        tmp = Path(name)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from a shared reader
     except OSError as err:
         raise T2TViTError(f"cannot write {output}: {err.strerror or err}") from err
-    tmp = Path(name)
     try:
         yield tmp
         os.replace(tmp, output)
@@ -62,6 +65,12 @@ def staged(output: str | Path) -> Iterator[Path]:
         raise T2TViTError(f"cannot write {output}: {err.strerror or err}; nothing was written") from err
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 EXPORTERS: dict[str, Callable[..., Path]] = {"onnx": export_onnx, "torchscript": export_torchscript}
@@ -151,6 +160,8 @@ def check_export(model: nn.Module, path: str | Path, fmt: str, batch: int = 2) -
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.no_check:
+        check_range("--check-batch", args.check_batch, 1, MAX_BATCH)  # the dynamic axis's maximum
     model = load_inference(args, device="cpu").model
     if args.format == "openvino":
         path, diff = export_openvino(model, args.output, not args.no_check, args.check_batch, args.tolerance)

@@ -16,9 +16,23 @@ def pyplot() -> Any:
 
 
 def save_figure(fig: Any, output: str | Path, dpi: int = 100) -> Path:
-    """Write ``fig`` to ``output`` (parents created) and close it."""
+    """Write ``fig`` to ``output`` atomically (parents created; a reader never sees half a PNG) and
+    close it. The suffix names the format; one matplotlib cannot write is one line."""
+    import io
+
+    from t2t_vit.errors import T2TViTError
+    from t2t_vit.storage import atomic_write
+
     path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    pyplot().close(fig)
+    fmt = path.suffix[1:].lower()
+    try:
+        supported = fig.canvas.get_supported_filetypes()
+        if fmt not in supported:
+            raise T2TViTError(f"cannot write a figure as {str(path)!r}: end the name in one of "
+                              f"{', '.join('.' + k for k in sorted(supported))}")
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=fmt, dpi=dpi)
+    finally:
+        pyplot().close(fig)
+    atomic_write(path, buffer.getvalue())
     return path

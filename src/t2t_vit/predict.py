@@ -12,14 +12,20 @@ import os
 import sys
 from typing import Any
 
-from t2t_vit.cli_args import add_model_args, add_runtime_args, load_inference
+from t2t_vit.cli_args import add_model_args, add_runtime_args, check_range, load_inference
 from t2t_vit.errors import T2TViTError
 
 
+def shown(text: str) -> str:
+    """``text`` as printed on a terminal: control characters (ANSI escapes, newlines) escaped, so a
+    class name stored in a checkpoint cannot fake or erase output lines."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
+
+
 def _print_top(path: str, top: list[tuple[int, str, float]]) -> None:
-    print(path)
+    print(shown(path))
     for rank, (index, name, prob) in enumerate(top, 1):
-        print(f"  {rank}. {100 * prob:6.2f}%  {name} ({index})")
+        print(f"  {rank}. {100 * prob:6.2f}%  {shown(name)} ({index})")
 
 
 def _record(path: str, top: list[tuple[int, str, float]]) -> dict[str, Any]:
@@ -48,6 +54,8 @@ def image_files(paths: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_range("--topk", args.topk, 1)
+    check_range("--batch-size", args.batch_size, 1)
     args.images = image_files(args.images)
     clf = load_inference(args)
     if args.checkpoint is None and not args.pretrained:
@@ -57,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     for path, top, error in clf.classify_files(args.images, args.topk, args.batch_size):
         if error is not None:
             failures.append({"image": path, "error": str(error)})
-            print(f"t2t-vit: {error}", file=sys.stderr)
+            print(f"t2t-vit: {shown(error)}", file=sys.stderr)
         elif args.json:
             records.append(_record(path, top))
         else:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from t2t_vit.cli_args import add_model_args, add_runtime_args, load_inference
+from t2t_vit.cli_args import add_model_args, add_runtime_args, check_range, load_inference
 from t2t_vit.errors import T2TViTError
 from t2t_vit.inference import Inference, read_image
 from t2t_vit.layers import Attention
@@ -176,6 +176,27 @@ def plot_attention(image: np.ndarray, maps: Sequence[tuple[str, Tensor]], output
     return save_figure(fig, output)
 
 
+MAX_CHANNELS = 64  # one column per channel: beyond this the figure is wider than any screen
+
+
+def figure_path(output: str | Path, kind: str) -> Path:
+    """Where ``--output`` writes: inside it as ``<kind>.png`` when it is a folder; ``.png`` added
+    when it has no suffix (what is written is what the "wrote" line prints)."""
+    path = Path(output)
+    if path.is_dir():
+        return path / f"{kind}.png"
+    return path if path.suffix else path.with_name(path.name + ".png")
+
+
+def _blocks(text: str | None, depth: int) -> list[int]:
+    if not text:
+        return default_blocks(depth)
+    try:
+        return [int(b) for b in text.split(",")]
+    except ValueError as err:
+        raise T2TViTError(f"--blocks must be comma-separated block numbers such as 1,{depth}; got {text!r}") from err
+
+
 def _image(args: argparse.Namespace) -> tuple[Image.Image, str]:
     if args.image:
         return read_image(args.image), Path(args.image).name
@@ -183,19 +204,22 @@ def _image(args: argparse.Namespace) -> tuple[Image.Image, str]:
 
 
 def run_features(args: argparse.Namespace) -> int:
+    check_range("--channels", args.channels, 1, MAX_CHANNELS)
+    output = figure_path(args.output, "features")
     clf = load_inference(args)
     model = clf.model
+    blocks = _blocks(args.blocks, len(model.blocks))
     image, source = _image(args)
     x, shown = prepare(clf, image)
-    blocks = [int(b) for b in args.blocks.split(",")] if args.blocks else default_blocks(len(model.blocks))
     maps = feature_maps(model, x, blocks)
     title = f"{clf.description}: token features reshaped to images, first {args.channels} channels — {source}"
-    path = plot_features(shown, maps, args.channels, args.output, title)
+    path = plot_features(shown, maps, args.channels, output, title)
     print(f"wrote {path} ({', '.join(f'{label} {tuple(m.shape)}' for label, m in maps)})")
     return 0
 
 
 def run_attention(args: argparse.Namespace) -> int:
+    output = figure_path(args.output, "attention")
     clf = load_inference(args)
     model = clf.model
     image, source = _image(args)
@@ -205,7 +229,7 @@ def run_attention(args: argparse.Namespace) -> int:
     if (args.checkpoint or args.pretrained) and model.num_classes:
         title += f"\nprediction: {clf.class_names[int(logits[0].argmax())]}"
     maps = [(f"block {len(model.blocks)} cls attention (head mean)", last), ("attention rollout", rolled)]
-    path = plot_attention(shown, maps, args.output, title)
+    path = plot_attention(shown, maps, output, title)
     print(f"wrote {path} (token grid {tuple(last.shape)}, {len(model.blocks)} blocks rolled out)")
     return 0
 
@@ -215,7 +239,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_runtime_args(p, precision=False)
     p.add_argument("--image", help="image file (default: a scikit-image sample photograph)")
     p.add_argument("--sample", default="chelsea", choices=SAMPLE_PHOTOS, help="which sample photo without --image")
-    p.add_argument("--output", required=True, help="PNG file to write")
+    p.add_argument("--output", required=True, help="figure file to write (.png, .pdf, .svg, ...; no suffix: .png), "
+                                                   "or an existing folder to write <kind>.png into")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -107,12 +107,30 @@ def register(subparsers) -> None:
 
 
 def base_recipe(args: argparse.Namespace) -> str | None:
-    """``--config``; else the demo recipe when no model is named (``--model`` or a pretrained tag)."""
+    """``--config``; else, when resuming, the run's own config.yaml; else the demo recipe when no model
+    is named (``--model`` or a pretrained tag)."""
     if args.config or args.model:
         return args.config
+    saved = _resumed_run_config(args)
+    if saved:
+        return saved
     if args.finetune and pretrained_tag(args.finetune):
         return None
     return DEMO_RECIPE
+
+
+def _resumed_run_config(args: argparse.Namespace) -> str | None:
+    """The config.yaml of the run ``--resume`` continues, so that flags only need to name changes."""
+    import os
+
+    if args.resume == "auto":
+        folder = args.output
+    elif args.resume:
+        folder = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume)
+    else:
+        return None
+    path = os.path.join(folder, "config.yaml") if folder else None
+    return path if path and os.path.isfile(path) else None
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -153,8 +171,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from t2t_vit.runtime import default_device
     from t2t_vit.train.evaluate import evaluate
 
-    if args.batch_size <= 0:
-        raise T2TViTError(f"--batch-size must be positive, got {args.batch_size}")
+    from t2t_vit.cli_args import check_range
+
+    check_range("--batch-size", args.batch_size, 1)
+    check_range("--workers", args.workers, 0)
     if args.data not in BUILTIN and not is_reader_spec(args.data) and not os.path.exists(args.data):
         raise T2TViTError(f"data path {args.data!r} does not exist")
     model, meta, saved = _eval_model(args)

@@ -124,6 +124,13 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# Settings a resumed run may take from the new command line: they change how the run is carried out,
+# not what is trained. Every other field must equal the run's own (its config.yaml), since the
+# schedule, the data order and the optimizer state saved in the checkpoint depend on it.
+FREE_ON_RESUME = frozenset({"workers", "threads", "device", "log_every", "save_every_steps", "max_steps",
+                            "nonfinite_patience", "compile", "grad_checkpointing", "deterministic", "output",
+                            "resume", "finetune"})
+
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 FIELD_TYPES = checks.field_types(TrainConfig)
 DEMO_RECIPE = "digits"  # what `t2t-vit train` with neither --config nor --model trains

@@ -97,10 +97,12 @@ class Run:
                     self.end_epoch()
         finally:
             if self.tb is not None:
-                self.tb.close()
+                with contextlib.suppress(OSError):  # its folder may be gone (check_output says so)
+                    self.tb.close()
         return self.finish()
 
     def open_outputs(self) -> None:
+        self.out_id = rundir.identity(self.out)
         if not self.world.is_main:
             return
         import yaml
@@ -218,6 +220,7 @@ class Run:
     def end_epoch(self) -> None:
         """Evaluate the model and its EMA once, log a history row, checkpoint (last, and best)."""
         cfg, world, parts, c = self.cfg, self.world, self.parts, self.counters
+        self.check_output()
         raw = evaluate(parts.net, parts.val_loader, world.device, cfg.precision, world)
         ema = evaluate(parts.ema.module, parts.val_loader, world.device, cfg.precision, world) if parts.ema else None
         done_fraction = c.position / max(1, parts.steps_per_epoch * cfg.accum_steps)
@@ -265,8 +268,17 @@ class Run:
                     preferred=self.preferred(), step=str(self.counters.step), data_config=parts.data_config,
                     dataset=str(cfg.data))
 
+    def check_output(self) -> None:
+        """Stop (every rank) when the run directory was deleted or replaced: writing on would create a
+        new one without its lock and config, and TensorBoard would fail with a traceback."""
+        gone = self.world.is_main and rundir.identity(self.out) != self.out_id
+        if broadcast_flag(gone, self.world):
+            raise T2TViTError(f"the output directory {self.out} was deleted or replaced during the run; stopping "
+                              f"at step {self.counters.step} (restore it and --resume auto, or start a new --output)")
+
     def save(self, name: str, with_state: bool = True) -> None:
         """Every rank calls this (RNG states are gathered); rank 0 writes."""
+        self.check_output()
         rng = ckpt.rng_state()
         rng_all = [rng]
         if self.world.distributed:
@@ -305,6 +317,9 @@ class Run:
         ckpt.set_rng_state(st["rng"][rank] if rank < len(st["rng"]) else st["rng"][0])
         c = self.counters
         self.log.line(f"resumed from {stem} at step {c.step} (epoch {c.epoch + 1}, batch {c.position})")
+        changes = rundir.resume_changes(self.cfg, stem)
+        if changes:
+            self.log.line(f"resuming with {', '.join(changes)}")
 
     # ---- the end ------------------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:

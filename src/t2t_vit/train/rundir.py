@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import tempfile
 from typing import Iterator
@@ -12,7 +13,8 @@ import torch
 
 from t2t_vit.errors import T2TViTError
 from t2t_vit.train import state as ckpt
-from t2t_vit.train.config import TrainConfig
+from t2t_vit.train.checks import flag
+from t2t_vit.train.config import FREE_ON_RESUME, TrainConfig
 from t2t_vit.train.distributed import World, broadcast_flag
 
 LOCK_NAME = ".lock"
@@ -116,6 +118,15 @@ def _remove_if_only_lock(out: str) -> None:
         return
 
 
+def identity(out: str) -> tuple[int, int] | None:
+    """(device, inode) of the run directory's lock file; None once it is gone."""
+    try:
+        st = os.stat(os.path.join(out, LOCK_NAME))
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def check_writable(out: str) -> None:
     try:
         tempfile.TemporaryFile(dir=out).close()
@@ -135,6 +146,50 @@ def resume_stem(cfg: TrainConfig, out: str) -> str | None:
     return None
 
 
+def saved_config(stem: str) -> dict | None:
+    """The config.yaml of the run that wrote checkpoint ``stem`` (None when there is none)."""
+    from t2t_vit.train.checks import read_yaml
+
+    path = os.path.join(os.path.dirname(stem), "config.yaml")
+    try:
+        with open(path, "rb") as f:
+            saved = read_yaml(f.read(), path)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise T2TViTError(f"cannot read {path}: {err.strerror or err}") from err
+    return saved if isinstance(saved, dict) else None
+
+
+def resume_changes(cfg: TrainConfig, stem: str) -> list[str]:
+    """The settings that differ from the run's own: a one-line refusal when any of them cannot change
+    in the middle of a run, else ``--flag new (the run had old)`` for each one the resume applies."""
+    saved = saved_config(stem)
+    if saved is None:
+        return []
+    new = cfg.to_dict()
+    differ = [name for name in new if name in saved and saved[name] != new[name]]
+    fixed = [name for name in differ if name not in FREE_ON_RESUME]
+    if fixed:
+        listed = ", ".join(f"{flag(n)} {_text(new[n])} differs from the run's {_text(saved[n])}" for n in fixed)
+        raise T2TViTError(f"cannot resume {stem}: {listed}; resume takes the run's settings "
+                          f"(its config.yaml), or start a new --output")
+    return [f"{flag(n)} {_text(new[n])} (the run had {_text(saved[n])})" for n in differ
+            if n not in ("output", "resume")]
+
+
+def _text(value) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list, str)) else str(value)
+
+
+def remove_stale_temporaries(out: str) -> None:
+    """Temporary files of writes cut short by a kill (``.checkpoint-last.state.pt.<random>.tmp``);
+    the caller holds the lock, so no write of this run is under way."""
+    for path in glob.glob(os.path.join(glob.escape(out), ".*.tmp")):
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
 def claim(cfg: TrainConfig, world: World, out: str, stack: contextlib.ExitStack) -> str | None:
     """Rank 0 locks ``out`` (until ``stack`` closes) and checks it; every rank returns the checkpoint
     stem to resume, or raises when rank 0 failed (so the others do not wait for it forever)."""
@@ -143,7 +198,10 @@ def claim(cfg: TrainConfig, world: World, out: str, stack: contextlib.ExitStack)
         try:
             stack.enter_context(lock_output(out))
             check_writable(out)
-            resume_stem(cfg, out)
+            stem = resume_stem(cfg, out)
+            if stem:
+                resume_changes(cfg, stem)
+                remove_stale_temporaries(out)
         except T2TViTError as err:
             error = err
     if broadcast_flag(error is not None, world):

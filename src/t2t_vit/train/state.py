@@ -16,6 +16,7 @@ kill at any instant leaves weights whose step matches one of the two state files
 from __future__ import annotations
 
 import io
+import math
 import os
 import random
 from typing import Any
@@ -46,6 +47,14 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    try:
+        _set_rng_state(state)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as err:
+        raise T2TViTError(f"the saved random-number states cannot be restored ({type(err).__name__}: "
+                          f"{' '.join(str(err).split())[:120]}); the run cannot be resumed exactly") from err
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((3, tuple(state["python"]), state["python_gauss"]))
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
                          state["numpy_has_gauss"], state["numpy_gauss"]))
@@ -110,12 +119,43 @@ STATE_KEYS = ("step", "epoch", "position", "optimizer", "scheduler", "scaler", "
               "train_seconds", "train_images", "skipped", "epoch_sums")
 
 
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# What each restored value must look like; anything else would fail somewhere deep in the loop.
+STATE_SHAPES = {
+    "step": _count, "epoch": _count, "position": _count, "train_images": _count, "skipped": _count,
+    "train_seconds": lambda v: _number(v) and v >= 0,
+    "history": lambda v: isinstance(v, list) and all(isinstance(row, dict) for row in v),
+    "best": lambda v: isinstance(v, dict) and _number(v.get("top1")) and _number(v.get("epoch")),
+    "epoch_sums": lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_number(x) for x in v),
+    "rng": lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(r, dict) for r in v),
+    "optimizer": lambda v: isinstance(v, dict), "scheduler": lambda v: isinstance(v, dict),
+    "scaler": lambda v: isinstance(v, dict),
+}
+
+
 def check_state(state: dict[str, Any], stem: str) -> None:
-    """Refuse a training-state file that lacks what resuming restores."""
+    """Refuse a training-state file that lacks what resuming restores, or holds it in another form."""
     missing = [key for key in STATE_KEYS if key not in state]
     if missing:
         raise T2TViTError(f"{stem}.state.pt lacks {', '.join(missing)}; it was not written by this trainer, "
                           "so the run cannot be resumed exactly (use --finetune to start from its weights)")
+    bad = [key for key, fits in STATE_SHAPES.items() if not fits(state[key])]
+    if bad:
+        shown = ", ".join(f"{key}={_short(state[key])}" for key in bad)
+        raise T2TViTError(f"{stem}.state.pt holds malformed values ({shown}), so the run cannot be resumed "
+                          "exactly (use --finetune to start from its weights)")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def load_weights_for_resume(model: nn.Module, weights: dict[str, torch.Tensor], stem: str, what: str = "model") -> None:
