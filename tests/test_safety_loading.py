@@ -7,7 +7,9 @@ import hashlib
 import http.server
 import io
 import json
+import os
 import threading
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from t2t_vit.checkpoint import model_from_checkpoint
 from t2t_vit.errors import T2TViTError
 from t2t_vit.hub import cache_dir
 from t2t_vit.pretrained import from_pretrained, save_pretrained
+from t2t_vit.reading import check_zip_bounds
 from t2t_vit.storage import save_weights
 
 SMALL = dict(img_size=32, stem="small", num_classes=10)
@@ -260,3 +263,57 @@ def test_non_finite_logits_never_reach_the_output(tmp_path):
     with pytest.raises(T2TViTError) as err:
         list(clf.classify_files([image(tmp_path)]))
     one_line(err, "NaN or Inf logits")
+
+
+# ---- item 9: a zip's expanded size is bounded before torch reads it ----------------------------
+def deflate_bomb(path: Path, zeros: int) -> Path:
+    """A torch zip checkpoint whose one storage record is ``zeros`` DEFLATE-compressed zero bytes
+    (torch writes records stored; its reader inflates a compressed one whole)."""
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.zeros(4)}}, buffer)
+    source = zipfile.ZipFile(buffer)
+    with zipfile.ZipFile(path, "w") as bomb:
+        for info in source.infolist():
+            if not info.filename.endswith("/data/0"):
+                bomb.writestr(info, source.read(info))
+                continue
+            record = zipfile.ZipInfo(info.filename)
+            record.compress_type = zipfile.ZIP_DEFLATED
+            with bomb.open(record, "w", force_zip64=True) as f:
+                for _ in range(zeros >> 20):
+                    f.write(bytes(1 << 20))
+    return path
+
+
+_PEAK = """
+import resource, sys
+from t2t_vit.errors import T2TViTError
+from t2t_vit.reading import read_state_dict
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    read_state_dict(sys.argv[1])
+except T2TViTError as err:
+    print(err)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_zip_bomb_is_refused_before_it_is_inflated(tmp_path):
+    """256 MB of zeros in a 0.25 MB file: one line, and the reading process grows by far less than
+    the record (it grew by more than the record before the bound)."""
+    import subprocess
+    import sys
+
+    path = deflate_bomb(tmp_path / "bomb.pth", 256 << 20)
+    assert path.stat().st_size < 1 << 20
+    env = {**os.environ, "PYTHONPATH": str(Path(t2t_vit.__file__).parents[1])}
+    result = subprocess.run([sys.executable, "-c", _PEAK, str(path)], capture_output=True, text=True, env=env,
+                            timeout=300, check=True)
+    message, grown = result.stdout.strip().splitlines()
+    assert "refusing to read" in message and "archive/data/0 expands to 268,435,456 bytes" in message
+    assert int(grown) < 128, f"the reader grew by {grown} MB"
+    with pytest.raises(T2TViTError, match="past the 1,000-byte limit"):
+        check_zip_bounds(path, 1000)
+    honest_zip = tmp_path / "ok.pth"
+    torch.save({"state_dict": small().state_dict()}, honest_zip)
+    assert 0 < check_zip_bounds(honest_zip) <= honest_zip.stat().st_size

@@ -21,6 +21,7 @@ import logging
 import os
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -39,6 +40,7 @@ PLAIN_KEYS = ("state_dict", "model", "net")
 # The only non-builtin class a weights-only unpickler may build: the authors' `args`.
 SAFE_GLOBALS = [argparse.Namespace]
 _ALLOWED_NAMES = {"argparse.Namespace"}
+ZIP_SLACK = 64 << 20  # bytes a zip checkpoint may expand past twice its size (headers, small records)
 _log = logging.getLogger(__name__)
 
 
@@ -92,9 +94,37 @@ def _is_zip(path: Path) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
-def torch_load_safe(path: str | os.PathLike) -> Any:
-    """``torch.load`` that only builds tensors, containers and ``argparse.Namespace``."""
+def check_zip_bounds(path: str | os.PathLike, limit: int | None = None) -> int:
+    """Refuse a zip (a torch checkpoint, a ``state.pt``) whose members would expand past ``limit``
+    bytes, before anything is decompressed; returns the total uncompressed size.
+
+    torch writes its records uncompressed, so a real checkpoint expands to about its own size; a
+    DEFLATE-compressed record of zeros expands ~1000x (1.9 MB took ``convert`` to 2.6 GB). The
+    default limit is twice the file plus :data:`ZIP_SLACK`.
+    """
     path = Path(path)
+    limit = 2 * path.stat().st_size + ZIP_SLACK if limit is None else limit
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as err:
+        raise T2TViTError(f"cannot read {path}: not a readable zip checkpoint ({err})") from err
+    total = 0
+    for member in members:
+        total += member.file_size
+        if total > limit:
+            raise T2TViTError(f"refusing to read {path}: its record {member.filename} expands to {member.file_size:,} "
+                              f"bytes ({member.compress_size:,} stored), past the {limit:,}-byte limit for this file "
+                              "(a zip bomb or a corrupt checkpoint)")
+    return total
+
+
+def torch_load_safe(path: str | os.PathLike) -> Any:
+    """``torch.load`` that only builds tensors, containers and ``argparse.Namespace``; a zip's
+    expanded size is bounded first (:func:`check_zip_bounds`)."""
+    path = Path(path)
+    if path.is_file() and _is_zip(path):
+        check_zip_bounds(path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
