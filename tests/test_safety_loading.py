@@ -9,6 +9,7 @@ import io
 import json
 import os
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -317,3 +318,97 @@ def test_zip_bomb_is_refused_before_it_is_inflated(tmp_path):
     honest_zip = tmp_path / "ok.pth"
     torch.save({"state_dict": small().state_dict()}, honest_zip)
     assert 0 < check_zip_bounds(honest_zip) <= honest_zip.stat().st_size
+
+
+# ---- item 11: bytes that are no checkpoint; URLs that are no download ---------------------------
+GARBAGE = [b"error code: 1020", b"Moved", b"hello", b"rr", b"", b"\x80\x02garbage", b"<html>\n<h1>404</h1>"]
+
+
+@pytest.mark.parametrize("body", GARBAGE, ids=repr)
+def test_garbage_bytes_are_one_line(tmp_path, capsys, body):
+    path = tmp_path / "x.pth.tar"
+    path.write_bytes(body)
+    with pytest.raises(T2TViTError) as err:
+        model_from_checkpoint(path)
+    one_line(err, "not a PyTorch or safetensors checkpoint")
+    assert cli.main(["convert", str(path), str(tmp_path / "out.safetensors")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("body", GARBAGE, ids=repr)
+def test_garbage_served_as_a_release_leaves_nothing_in_the_cache(monkeypatch, server, tmp_path, body):
+    point_tag_at(monkeypatch, server, "t2t_vit_7.in1k", body, size=None, digest=None)
+    with pytest.raises(T2TViTError) as err:
+        t2t_vit.create_model("t2t_vit_7.in1k", pretrained=True, **SMALL)
+    one_line(err, server.url + RELEASE, "nothing was cached")
+    assert cache_files(tmp_path) == [] and len(server.requests) == 1
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/x.pth", "http://127.0.0.1:1/"])
+def test_only_http_downloads_of_a_named_file(monkeypatch, server, tmp_path, url):
+    with pytest.raises(T2TViTError) as err:
+        t2t_vit.create_model("t2t_vit_7.in1k", pretrained=True, pretrained_cfg_overlay=dict(url=url), **SMALL)
+    one_line(err, "refusing to download", repr(url))
+    assert cache_files(tmp_path) == []
+
+
+# ---- item 8: one deadline per download, stale partials cleaned, readable cache ------------------
+class Trickle(http.server.BaseHTTPRequestHandler):
+    """Announces 10 kB, then sends one byte every 0.3 s (for at most 20 s)."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(200)
+        self.send_header("Content-Length", "10000")
+        self.end_headers()
+        try:
+            for _ in range(70):
+                self.wfile.write(b"\x80")
+                self.wfile.flush()
+                time.sleep(0.3)
+        except OSError:
+            pass  # the client gave up, as it should
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_trickling_server_meets_one_deadline(monkeypatch, tmp_path):
+    """Each byte comes well within the per-read timeout; the whole download still stops at the
+    deadline ($T2T_VIT_DOWNLOAD_TIMEOUT) with one line and nothing cached."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("T2T_VIT_DOWNLOAD_TIMEOUT", "1.5")
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/{RELEASE}"
+    try:
+        started = time.monotonic()
+        with pytest.raises(T2TViTError) as err:
+            t2t_vit.create_model("t2t_vit_7.in1k", pretrained=True, pretrained_cfg_overlay=dict(url=url), **SMALL)
+        elapsed = time.monotonic() - started
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    one_line(err, url, "not complete after 1.5 s", "nothing was cached", "T2T_VIT_DOWNLOAD_TIMEOUT")
+    assert elapsed < 8, elapsed
+    assert cache_files(tmp_path) == []
+    monkeypatch.setenv("T2T_VIT_DOWNLOAD_TIMEOUT", "soon")
+    with pytest.raises(T2TViTError, match="T2T_VIT_DOWNLOAD_TIMEOUT='soon' must be a positive number"):
+        t2t_vit.create_model("t2t_vit_7.in1k", pretrained=True, pretrained_cfg_overlay=dict(url=url), **SMALL)
+
+
+def test_stale_partials_are_cleaned_and_downloads_are_readable_by_others(monkeypatch, server, tmp_path):
+    folder = cache_dir()
+    folder.mkdir(parents=True)
+    stale, fresh = folder / ".x.pth.abc123.partial", folder / ".y.pth.def456.partial"
+    stale.write_bytes(b"left by a SIGKILLed download")
+    fresh.write_bytes(b"a download in progress elsewhere")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(stale, (two_days_ago, two_days_ago))
+    cached = point_tag_at(monkeypatch, server, "t2t_vit_7.in1k", authors_file(small()), size=None, digest=None)
+    old_umask = os.umask(0o022)
+    try:
+        t2t_vit.create_model("t2t_vit_7.in1k", pretrained=True, **SMALL)
+    finally:
+        os.umask(old_umask)
+    assert not stale.exists() and fresh.exists()
+    assert cached.stat().st_mode & 0o777 == 0o644

@@ -21,6 +21,7 @@ import logging
 import os
 import pickle
 import re
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -119,12 +120,38 @@ def check_zip_bounds(path: str | os.PathLike, limit: int | None = None) -> int:
     return total
 
 
+def not_a_checkpoint(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be a checkpoint judging by its first bytes, or None if it may be one.
+
+    torch writes a zip (``PK``) or, in its legacy format, a pickle (protocol 2+, ``0x80``);
+    safetensors starts with a header length and ``{``. A CDN block page (``error code: 1020``),
+    ``Moved``, an empty file is named by what it holds instead of reaching the unpickler.
+    """
+    path = Path(path)
+    with path.open("rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or (len(head) > 8 and head[8:9] == b"{"):
+        return None
+    what = f"{path.stat().st_size} bytes starting with {head.decode('ascii', 'replace')!r}" if head else "empty"
+    return f"it is {what}; a web page, an error message or another kind of file?"
+
+
+def check_checkpoint_bytes(path: str | os.PathLike) -> None:
+    """One line (instead of the unpickler's IndexError, KeyError, struct.error) for a file that
+    cannot be a checkpoint (:func:`not_a_checkpoint`)."""
+    reason = not_a_checkpoint(path)
+    if reason:
+        raise T2TViTError(f"cannot read {path}: not a PyTorch or safetensors checkpoint ({reason})")
+
+
 def torch_load_safe(path: str | os.PathLike) -> Any:
     """``torch.load`` that only builds tensors, containers and ``argparse.Namespace``; a zip's
     expanded size is bounded first (:func:`check_zip_bounds`)."""
     path = Path(path)
-    if path.is_file() and _is_zip(path):
-        check_zip_bounds(path)
+    if path.is_file():
+        check_checkpoint_bytes(path)
+        if _is_zip(path):
+            check_zip_bounds(path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -133,7 +160,8 @@ def torch_load_safe(path: str | os.PathLike) -> Any:
         if "Unsupported operand" in text or "weights only" not in text.lower():
             raise T2TViTError(f"cannot read {path}: not a PyTorch or safetensors checkpoint (corrupt pickle)") from err
         raise _refusal(path, err) from err
-    except (RuntimeError, EOFError, ValueError, OSError) as err:
+    except (RuntimeError, EOFError, ValueError, OSError, IndexError, KeyError, TypeError, struct.error) as err:
+        # a damaged pickle surfaces as any of these, from inside the unpickler
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise T2TViTError(f"cannot read {path}: not a PyTorch or safetensors checkpoint ({first})") from err
 
