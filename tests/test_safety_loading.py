@@ -412,3 +412,28 @@ def test_stale_partials_are_cleaned_and_downloads_are_readable_by_others(monkeyp
         os.umask(old_umask)
     assert not stale.exists() and fresh.exists()
     assert cached.stat().st_mode & 0o777 == 0o644
+
+
+# ---- item 10: an img_size far beyond what the model costs to run --------------------------------
+def test_img_size_is_bounded_by_what_a_forward_pass_costs(tmp_path, capsys):
+    """img_size 4096 on T2T-ViT-t-14 (inside the 4096 px bound) made predicting one 64 px image
+    run for minutes: the quadratic attention of 1M first-stage tokens. Refused before building;
+    the released 384 px size and the estimate's agreement with the paper's figures stand."""
+    from t2t_vit.modelguard import MAX_GMACS, t2t_gmacs
+    from t2t_vit.table import VARIANTS
+
+    model = t2t_vit.create_model("t2t_vit_t_14", depth=1, num_classes=10)
+    meta = dict(format="t2t-vit", model="t2t_vit_t_14", model_kwargs={"depth": 1}, num_classes=10)
+    huge = save_weights(model, tmp_path / "huge.safetensors", metadata={**meta, "img_size": 4096})
+    started = time.monotonic()
+    with pytest.raises(T2TViTError) as err:
+        model_from_checkpoint(huge)
+    one_line(err, "img_size 4096", "GMACs per image, over the 1,000 limit")
+    assert time.monotonic() - started < 5
+    assert cli.main(["predict", str(image(tmp_path)), "--checkpoint", str(huge)]) == 2
+    assert "GMACs per image" in capsys.readouterr().err
+    ok = save_weights(model, tmp_path / "ok.safetensors", metadata={**meta, "img_size": 384})
+    assert model_from_checkpoint(ok).img_size == (384, 384)
+    for name in ("t2t_vit_14", "t2t_vit_t_24", "vit_s16"):  # the estimate follows the paper (within 10 %)
+        assert abs(t2t_gmacs(name, {}) - VARIANTS[name].paper.gmacs) < 0.1 * VARIANTS[name].paper.gmacs
+    assert t2t_gmacs("t2t_vit_t_14", {"img_size": 1024}) < MAX_GMACS < t2t_gmacs("t2t_vit_t_14", {"img_size": 1536})
