@@ -7,7 +7,10 @@ import hashlib
 import http.server
 import io
 import json
+import os
 import threading
+import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from t2t_vit.checkpoint import model_from_checkpoint
 from t2t_vit.errors import T2TViTError
 from t2t_vit.hub import cache_dir
 from t2t_vit.pretrained import from_pretrained, save_pretrained
+from t2t_vit.reading import check_zip_bounds
 from t2t_vit.storage import save_weights
 
 SMALL = dict(img_size=32, stem="small", num_classes=10)
@@ -260,3 +264,176 @@ def test_non_finite_logits_never_reach_the_output(tmp_path):
     with pytest.raises(T2TViTError) as err:
         list(clf.classify_files([image(tmp_path)]))
     one_line(err, "NaN or Inf logits")
+
+
+# ---- item 9: a zip's expanded size is bounded before torch reads it ----------------------------
+def deflate_bomb(path: Path, zeros: int) -> Path:
+    """A torch zip checkpoint whose one storage record is ``zeros`` DEFLATE-compressed zero bytes
+    (torch writes records stored; its reader inflates a compressed one whole)."""
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.zeros(4)}}, buffer)
+    source = zipfile.ZipFile(buffer)
+    with zipfile.ZipFile(path, "w") as bomb:
+        for info in source.infolist():
+            if not info.filename.endswith("/data/0"):
+                bomb.writestr(info, source.read(info))
+                continue
+            record = zipfile.ZipInfo(info.filename)
+            record.compress_type = zipfile.ZIP_DEFLATED
+            with bomb.open(record, "w", force_zip64=True) as f:
+                for _ in range(zeros >> 20):
+                    f.write(bytes(1 << 20))
+    return path
+
+
+_PEAK = """
+import resource, sys
+from t2t_vit.errors import T2TViTError
+from t2t_vit.reading import read_state_dict
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    read_state_dict(sys.argv[1])
+except T2TViTError as err:
+    print(err)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_zip_bomb_is_refused_before_it_is_inflated(tmp_path):
+    """256 MB of zeros in a 0.25 MB file: one line, and the reading process grows by far less than
+    the record (it grew by more than the record before the bound)."""
+    import subprocess
+    import sys
+
+    path = deflate_bomb(tmp_path / "bomb.pth", 256 << 20)
+    assert path.stat().st_size < 1 << 20
+    env = {**os.environ, "PYTHONPATH": str(Path(t2t_vit.__file__).parents[1])}
+    result = subprocess.run([sys.executable, "-c", _PEAK, str(path)], capture_output=True, text=True, env=env,
+                            timeout=300, check=True)
+    message, grown = result.stdout.strip().splitlines()
+    assert "refusing to read" in message and "archive/data/0 expands to 268,435,456 bytes" in message
+    assert int(grown) < 128, f"the reader grew by {grown} MB"
+    with pytest.raises(T2TViTError, match="past the 1,000-byte limit"):
+        check_zip_bounds(path, 1000)
+    honest_zip = tmp_path / "ok.pth"
+    torch.save({"state_dict": small().state_dict()}, honest_zip)
+    assert 0 < check_zip_bounds(honest_zip) <= honest_zip.stat().st_size
+
+
+# ---- item 11: bytes that are no checkpoint; URLs that are no download ---------------------------
+GARBAGE = [b"error code: 1020", b"Moved", b"hello", b"rr", b"", b"\x80\x02garbage", b"<html>\n<h1>404</h1>"]
+
+
+@pytest.mark.parametrize("body", GARBAGE, ids=repr)
+def test_garbage_bytes_are_one_line(tmp_path, capsys, body):
+    path = tmp_path / "x.pth.tar"
+    path.write_bytes(body)
+    with pytest.raises(T2TViTError) as err:
+        model_from_checkpoint(path)
+    one_line(err, "not a PyTorch or safetensors checkpoint")
+    assert cli.main(["convert", str(path), str(tmp_path / "out.safetensors")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("body", GARBAGE, ids=repr)
+def test_garbage_served_as_a_release_leaves_nothing_in_the_cache(monkeypatch, server, tmp_path, body):
+    point_tag_at(monkeypatch, server, "t2t_vit_7.in1k", body, size=None, digest=None)
+    with pytest.raises(T2TViTError) as err:
+        t2t_vit.create_model("t2t_vit_7.in1k", pretrained=True, **SMALL)
+    one_line(err, server.url + RELEASE, "nothing was cached")
+    assert cache_files(tmp_path) == [] and len(server.requests) == 1
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/x.pth", "http://127.0.0.1:1/"])
+def test_only_http_downloads_of_a_named_file(monkeypatch, server, tmp_path, url):
+    with pytest.raises(T2TViTError) as err:
+        t2t_vit.create_model("t2t_vit_7.in1k", pretrained=True, pretrained_cfg_overlay=dict(url=url), **SMALL)
+    one_line(err, "refusing to download", repr(url))
+    assert cache_files(tmp_path) == []
+
+
+# ---- item 8: one deadline per download, stale partials cleaned, readable cache ------------------
+class Trickle(http.server.BaseHTTPRequestHandler):
+    """Announces 10 kB, then sends one byte every 0.3 s (for at most 20 s)."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(200)
+        self.send_header("Content-Length", "10000")
+        self.end_headers()
+        try:
+            for _ in range(70):
+                self.wfile.write(b"\x80")
+                self.wfile.flush()
+                time.sleep(0.3)
+        except OSError:
+            pass  # the client gave up, as it should
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_trickling_server_meets_one_deadline(monkeypatch, tmp_path):
+    """Each byte comes well within the per-read timeout; the whole download still stops at the
+    deadline ($T2T_VIT_DOWNLOAD_TIMEOUT) with one line and nothing cached."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("T2T_VIT_DOWNLOAD_TIMEOUT", "1.5")
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/{RELEASE}"
+    try:
+        started = time.monotonic()
+        with pytest.raises(T2TViTError) as err:
+            t2t_vit.create_model("t2t_vit_7.in1k", pretrained=True, pretrained_cfg_overlay=dict(url=url), **SMALL)
+        elapsed = time.monotonic() - started
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    one_line(err, url, "not complete after 1.5 s", "nothing was cached", "T2T_VIT_DOWNLOAD_TIMEOUT")
+    assert elapsed < 8, elapsed
+    assert cache_files(tmp_path) == []
+    monkeypatch.setenv("T2T_VIT_DOWNLOAD_TIMEOUT", "soon")
+    with pytest.raises(T2TViTError, match="T2T_VIT_DOWNLOAD_TIMEOUT='soon' must be a positive number"):
+        t2t_vit.create_model("t2t_vit_7.in1k", pretrained=True, pretrained_cfg_overlay=dict(url=url), **SMALL)
+
+
+def test_stale_partials_are_cleaned_and_downloads_are_readable_by_others(monkeypatch, server, tmp_path):
+    folder = cache_dir()
+    folder.mkdir(parents=True)
+    stale, fresh = folder / ".x.pth.abc123.partial", folder / ".y.pth.def456.partial"
+    stale.write_bytes(b"left by a SIGKILLed download")
+    fresh.write_bytes(b"a download in progress elsewhere")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(stale, (two_days_ago, two_days_ago))
+    cached = point_tag_at(monkeypatch, server, "t2t_vit_7.in1k", authors_file(small()), size=None, digest=None)
+    old_umask = os.umask(0o022)
+    try:
+        t2t_vit.create_model("t2t_vit_7.in1k", pretrained=True, **SMALL)
+    finally:
+        os.umask(old_umask)
+    assert not stale.exists() and fresh.exists()
+    assert cached.stat().st_mode & 0o777 == 0o644
+
+
+# ---- item 10: an img_size far beyond what the model costs to run --------------------------------
+def test_img_size_is_bounded_by_what_a_forward_pass_costs(tmp_path, capsys):
+    """img_size 4096 on T2T-ViT-t-14 (inside the 4096 px bound) made predicting one 64 px image
+    run for minutes: the quadratic attention of 1M first-stage tokens. Refused before building;
+    the released 384 px size and the estimate's agreement with the paper's figures stand."""
+    from t2t_vit.modelguard import MAX_GMACS, t2t_gmacs
+    from t2t_vit.table import VARIANTS
+
+    model = t2t_vit.create_model("t2t_vit_t_14", depth=1, num_classes=10)
+    meta = dict(format="t2t-vit", model="t2t_vit_t_14", model_kwargs={"depth": 1}, num_classes=10)
+    huge = save_weights(model, tmp_path / "huge.safetensors", metadata={**meta, "img_size": 4096})
+    started = time.monotonic()
+    with pytest.raises(T2TViTError) as err:
+        model_from_checkpoint(huge)
+    one_line(err, "img_size 4096", "GMACs per image, over the 1,000 limit")
+    assert time.monotonic() - started < 5
+    assert cli.main(["predict", str(image(tmp_path)), "--checkpoint", str(huge)]) == 2
+    assert "GMACs per image" in capsys.readouterr().err
+    ok = save_weights(model, tmp_path / "ok.safetensors", metadata={**meta, "img_size": 384})
+    assert model_from_checkpoint(ok).img_size == (384, 384)
+    for name in ("t2t_vit_14", "t2t_vit_t_24", "vit_s16"):  # the estimate follows the paper (within 10 %)
+        assert abs(t2t_gmacs(name, {}) - VARIANTS[name].paper.gmacs) < 0.1 * VARIANTS[name].paper.gmacs
+    assert t2t_gmacs("t2t_vit_t_14", {"img_size": 1024}) < MAX_GMACS < t2t_gmacs("t2t_vit_t_14", {"img_size": 1536})

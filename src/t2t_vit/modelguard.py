@@ -8,7 +8,8 @@ arguments for it. timm's factory also takes arguments that choose where weights 
 refuses them for every model name, tagged (``t2t_vit_7.in1k``) or not (``resnet18``).
 :func:`check_budget` estimates the parameter count before anything is allocated — from the
 table for a T2T-ViT, by building on the meta device for another timm model — and refuses a
-model over :data:`MAX_PARAMS`.
+model over :data:`MAX_PARAMS`, or a T2T-ViT whose image size makes one forward pass cost over
+:data:`MAX_GMACS`.
 """
 from __future__ import annotations
 
@@ -19,11 +20,16 @@ from typing import Any, Mapping
 
 from t2t_vit.errors import T2TViTError
 from t2t_vit.model import T2TViT
+from t2t_vit.t2t import resolve_stem
 from t2t_vit.table import VARIANTS
 
 # 4 GB of float32 weights: about 15x T2T-ViT-24 (64.1M), room for the largest timm teachers
 # (ViT-H/14 has 0.63e9), far below what would exhaust a workstation.
 MAX_PARAMS = 1_000_000_000
+# One image's forward pass, estimated by :func:`t2t_gmacs`: ~70x T2T-ViT-24 at 224 px (13.8),
+# reached by T2T-ViT-t-14 near 1100 px; the quadratic attention of a file's img_size of 4096 px
+# (197,000 GMACs) kept predict on one small image running for minutes.
+MAX_GMACS = 1000.0
 # Arguments of timm's factory (and of our entry points) that pick a source, a file, the kind of
 # object returned, or a device: a file never sets them.
 CALLER_ONLY = frozenset({
@@ -81,6 +87,33 @@ def t2t_params(variant: str, kwargs: Mapping[str, Any]) -> int:
     return depth * (4 * dim * dim + 2 * dim * hidden) + int(arch.get("num_classes", 1000)) * dim + tokens * dim
 
 
+def t2t_gmacs(variant: str, kwargs: Mapping[str, Any]) -> float:
+    """An upper-range estimate of one image's forward pass (GMACs) through a T2T-ViT row of the
+    table under ``kwargs``, from the arguments alone: projections per token, plus the quadratic
+    attention of the backbone and of a Transformer T2T module (the Performer's is linear)."""
+    arch = {**VARIANTS[variant].arch, **kwargs}
+    height, width = _side(arch.get("img_size", 224))
+    dim, depth, channels = int(arch.get("embed_dim", 384)), int(arch.get("depth", 14)), int(arch.get("in_chans", 3))
+    if arch.get("dense_stages"):
+        dim += int(arch.get("growth") or 0) * int(sum(arch["dense_stages"]))
+    hidden = int(arch.get("mlp_hidden_dim") or dim * float(arch.get("mlp_ratio", 3.0)))
+    if arch["tokenizer"] == "patch":
+        patch = int(arch.get("patch_size", 16))
+        tokens, macs = (height // patch) * (width // patch), height * width * channels * dim
+    else:
+        token_dim, specs = int(arch.get("token_dim", 64)), resolve_stem(arch.get("stem", "imagenet"))
+        macs, tokens = 0, 0
+        for i, (kernel, stride, padding) in enumerate(specs):
+            height, width = (height + 2 * padding - kernel) // stride + 1, (width + 2 * padding - kernel) // stride + 1
+            tokens, last = max(height, 0) * max(width, 0), i == len(specs) - 1
+            macs += 4 * tokens * channels * kernel * kernel * (dim if last else token_dim)  # q/k/v, MLP or conv
+            if not last and arch["tokenizer"] == "transformer":
+                macs += 2 * tokens * tokens * token_dim
+            channels = token_dim
+    macs += depth * (tokens * (4 * dim * dim + 2 * dim * hidden) + 2 * tokens * tokens * dim)
+    return macs / 1e9
+
+
 def _meta_params(name: str, kwargs: Mapping[str, Any], path: Any) -> int:
     """Parameters and buffers of a timm model built on the meta device (no memory allocated)."""
     import timm
@@ -96,20 +129,19 @@ def _meta_params(name: str, kwargs: Mapping[str, Any], path: Any) -> int:
 
 
 def check_budget(name: str, kwargs: Mapping[str, Any], path: Any = "<checkpoint>") -> int:
-    """The estimated parameter count of ``name(**kwargs)``; refuses one over :data:`MAX_PARAMS`
-    before any weight is allocated (tagged names included)."""
+    """The estimated parameter count of ``name(**kwargs)``; refuses one over :data:`MAX_PARAMS`, or
+    a T2T-ViT whose forward pass would cost over :data:`MAX_GMACS` per image, before any weight
+    is allocated (tagged names included)."""
     variant = base_name(name)
     try:
         count = t2t_params(variant, kwargs) if variant in VARIANTS else _meta_params(name, kwargs, path)
-    except (TypeError, ValueError) as err:
+        cost = t2t_gmacs(variant, kwargs) if variant in VARIANTS else 0.0
+    except (TypeError, ValueError, ZeroDivisionError) as err:
         raise T2TViTError(f"{path}: cannot size {name} from its arguments ({err})") from err
     if count > MAX_PARAMS:
         raise T2TViTError(f"{path}: the model it describes would have about {count:,} parameters, "
                           f"over the {MAX_PARAMS:,} limit")
+    if cost > MAX_GMACS:
+        raise T2TViTError(f"{path}: the model it describes (img_size {kwargs.get('img_size', 224)}) would cost about "
+                          f"{cost:,.0f} GMACs per image, over the {MAX_GMACS:,.0f} limit; pass a smaller img_size")
     return count
-
-
-def screen_file_arguments(name: str, kwargs: Mapping[str, Any], path: str | Path) -> None:
-    """:func:`screen_arguments` then :func:`check_budget`: everything a file may not ask for."""
-    screen_arguments(name, kwargs, path)
-    check_budget(name, kwargs, path)

@@ -21,6 +21,8 @@ import logging
 import os
 import pickle
 import re
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -41,6 +43,7 @@ PLAIN_KEYS = ("state_dict", "model", "net")
 # The only non-builtin class a weights-only unpickler may build: the authors' `args`.
 SAFE_GLOBALS = [argparse.Namespace]
 _ALLOWED_NAMES = {"argparse.Namespace"}
+ZIP_SLACK = 64 << 20  # bytes a zip checkpoint may expand past twice its size (headers, small records)
 _log = logging.getLogger(__name__)
 
 
@@ -94,9 +97,63 @@ def _is_zip(path: Path) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
-def torch_load_safe(path: str | os.PathLike) -> Any:
-    """``torch.load`` that only builds tensors, containers and ``argparse.Namespace``."""
+def check_zip_bounds(path: str | os.PathLike, limit: int | None = None) -> int:
+    """Refuse a zip (a torch checkpoint, a ``state.pt``) whose members would expand past ``limit``
+    bytes, before anything is decompressed; returns the total uncompressed size.
+
+    torch writes its records uncompressed, so a real checkpoint expands to about its own size; a
+    DEFLATE-compressed record of zeros expands ~1000x (1.9 MB took ``convert`` to 2.6 GB). The
+    default limit is twice the file plus :data:`ZIP_SLACK`.
+    """
     path = Path(path)
+    limit = 2 * path.stat().st_size + ZIP_SLACK if limit is None else limit
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as err:
+        raise T2TViTError(f"cannot read {path}: not a readable zip checkpoint ({err})") from err
+    total = 0
+    for member in members:
+        total += member.file_size
+        if total > limit:
+            raise T2TViTError(f"refusing to read {path}: its record {member.filename} expands to {member.file_size:,} "
+                              f"bytes ({member.compress_size:,} stored), past the {limit:,}-byte limit for this file "
+                              "(a zip bomb or a corrupt checkpoint)")
+    return total
+
+
+def not_a_checkpoint(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be a checkpoint judging by its first bytes, or None if it may be one.
+
+    torch writes a zip (``PK``) or, in its legacy format, a pickle (protocol 2+, ``0x80``);
+    safetensors starts with a header length and ``{``. A CDN block page (``error code: 1020``),
+    ``Moved``, an empty file is named by what it holds instead of reaching the unpickler.
+    """
+    path = Path(path)
+    with path.open("rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or (len(head) > 8 and head[8:9] == b"{"):
+        return None
+    what = f"{path.stat().st_size} bytes starting with {head.decode('ascii', 'replace')!r}" if head else "empty"
+    return f"it is {what}; a web page, an error message or another kind of file?"
+
+
+def check_checkpoint_bytes(path: str | os.PathLike) -> None:
+    """One line (instead of the unpickler's IndexError, KeyError, struct.error) for a file that
+    cannot be a checkpoint (:func:`not_a_checkpoint`)."""
+    reason = not_a_checkpoint(path)
+    if reason:
+        raise T2TViTError(f"cannot read {path}: not a PyTorch or safetensors checkpoint ({reason})")
+
+
+def torch_load_safe(path: str | os.PathLike) -> Any:
+    """``torch.load`` that only builds tensors, containers and ``argparse.Namespace``; a zip's
+    expanded size is bounded first (:func:`check_zip_bounds`)."""
+    path = Path(path)
+    if path.is_file():
+        check_checkpoint_bytes(path)
+        if _is_zip(path):
+            check_zip_bounds(path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -105,7 +162,8 @@ def torch_load_safe(path: str | os.PathLike) -> Any:
         if "Unsupported operand" in text or "weights only" not in text.lower():
             raise T2TViTError(f"cannot read {path}: not a PyTorch or safetensors checkpoint (corrupt pickle)") from err
         raise _refusal(path, err) from err
-    except (RuntimeError, EOFError, ValueError, OSError) as err:
+    except (RuntimeError, EOFError, ValueError, OSError, IndexError, KeyError, TypeError, struct.error) as err:
+        # a damaged pickle surfaces as any of these, from inside the unpickler
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise T2TViTError(f"cannot read {path}: not a PyTorch or safetensors checkpoint ({first})") from err
 
