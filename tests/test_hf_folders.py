@@ -48,6 +48,10 @@ def test_save_pretrained_keeps_the_checkpoints_preprocessing_names_and_source(tr
         assert list(model.pretrained_cfg["label_names"]) == config["label_names"]
         assert model.pretrained_cfg["tag"] == digits_folder.name
         _same(model, source)
+    # the folder as checkpoint_path=: its arguments are defaults, the ones given win
+    bigger = t2t_vit.create_model("t2t_vit_7", checkpoint_path=tmp_path / "ours", img_size=48, num_classes=10)
+    assert bigger.img_size == (48, 48) and _data(bigger)["input_size"] == (3, 48, 48)
+    assert torch.equal(bigger.head.weight, source.head.weight)
 
 
 @pytest.mark.parametrize("serialization", [False, True], ids=["pytorch_model.bin", "model.safetensors"])

@@ -80,6 +80,7 @@ def create_model(
     if checkpoint_path:  # the file's class count, preprocessing and (if it names this model) arguments
         file_args, fields = checkpoint_defaults(arch, checkpoint_path)
         fields.update(kwargs.pop("pretrained_cfg_overlay", None) or {})
+        file_args = {k: v for k, v in file_args.items() if k not in given}  # yours win
         kwargs = {**file_args, **kwargs, "pretrained_cfg_overlay": fields}
     model = timm.create_model(name, pretrained=pretrained and not checkpoint_path, **given, **kwargs)
     if checkpoint_path:
