@@ -45,12 +45,13 @@ ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni
              "amx_tile", "amx_bf16", "amx_int8")
 
 
-def build_jpegs(folder: Path, size: tuple[int, int] = SIZE, per_photo: int = 8, quality: int = 90) -> list[Path]:
+def build_jpegs(folder: Path, size: tuple[int, int] = SIZE, per_photo: int = 8, quality: int = 90,
+                seed: int = 0) -> list[Path]:
     """``per_photo`` JPEGs of ``size`` cut from each of scikit-image's photographs (data/photos.py's list)."""
     from t2t_vit.data.photos import PHOTOS, _photograph
 
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     paths = []
     for name in PHOTOS:
         photo = Image.fromarray(_photograph(name))
