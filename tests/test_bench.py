@@ -188,6 +188,8 @@ def test_command_writes_json(monkeypatch, tmp_path, capsys):
     assert run(args) == 0
     result = json.loads(out.read_text())
     assert {"meta", "matmul_gflops", "rows", "memory", "agreement"} <= set(result)
+    isa = result["meta"]["cpu_isa"]  # what bf16/int8 speed depends on, recorded with the numbers
+    assert {"avx512_bf16", "amx_bf16", "amx_int8"} <= set(isa) and isinstance(isa["avx512_bf16"], bool)
     assert [r["mode"] for r in result["rows"]] == ["reference", "fp32"]
     assert "t2t_vit_7 infer:1" in capsys.readouterr().out
 

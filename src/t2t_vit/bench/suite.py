@@ -16,7 +16,7 @@ from t2t_vit.agreement import digits_agreement
 from t2t_vit.bench.cases import (
     AGREEMENT_MODEL, COMPILE_BATCH, COMPILE_MODELS, OTHER_MODES, OTHERS, _warm_case, build_other, precision_of,
 )
-from t2t_vit.bench.measure import forward_flops, matmul_rate, profile_bound, time_alternating, training_memory
+from t2t_vit.bench.measure import cpu_isa, forward_flops, matmul_rate, profile_bound, time_alternating, training_memory
 from t2t_vit.runtime import malloc_tuned
 
 RATE_KEYS = {"fp32": "float32", "bf16": "bfloat16"}
@@ -199,7 +199,8 @@ def _meta(device: torch.device) -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return dict(other_python_processes=other_python_processes(), finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), command=" ".join(sys.argv),
                 torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(), device=str(device),
-                processor=platform.processor() or platform.machine(), loadavg=load, malloc_tuned=malloc_tuned(),
+                processor=platform.processor() or platform.machine(), cpu_isa=cpu_isa(), loadavg=load,
+                malloc_tuned=malloc_tuned(),
                 gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
 
 
