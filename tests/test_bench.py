@@ -188,6 +188,8 @@ def test_command_writes_json(monkeypatch, tmp_path, capsys):
     assert run(args) == 0
     result = json.loads(out.read_text())
     assert {"meta", "matmul_gflops", "rows", "memory", "agreement"} <= set(result)
+    isa = result["meta"]["cpu_isa"]  # what bf16/int8 speed depends on, recorded with the numbers
+    assert {"avx512_bf16", "amx_bf16", "amx_int8"} <= set(isa) and isinstance(isa["avx512_bf16"], bool)
     assert [r["mode"] for r in result["rows"]] == ["reference", "fp32"]
     assert "t2t_vit_7 infer:1" in capsys.readouterr().out
 
@@ -208,3 +210,23 @@ def test_onnx_case_without_onnxruntime_is_one_line_naming_the_extra(monkeypatch)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     with pytest.raises(MissingDependency, match=r"pip install 't2t-vit\[export\]'"):
         bench_cases._onnx_step(torch.nn.Identity(), torch.zeros(1), "unused")
+
+
+def test_quick_prints_one_table_no_unmeasured_target_and_writes_no_file(monkeypatch, tmp_path, capsys):
+    """bench --quick: the table once, no 'bounded by' column left empty, no target it did not
+    measure reported as missed, and nothing written unless --json names a file."""
+    import argparse
+
+    from t2t_vit.bench import add_arguments
+
+    monkeypatch.setattr(bench_suite, "matmul_rate", lambda dtype, device: 50.0)
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--quick", "--models", "t2t_vit_7", "--others", "--modes", "fp32", "--tasks", "infer:1",
+                              "train:1", "--repeats", "1", "--img-size", "32"])
+    assert run(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("| model | task | batch | mode |") == 1 and "bounded by" not in out
+    assert "MISSED" not in out and "every case within" not in out
+    assert list(tmp_path.iterdir()) == []

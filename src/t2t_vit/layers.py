@@ -36,7 +36,10 @@ def sinusoid_table(num_positions: int, dim: int) -> Tensor:
 def softmax_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout: float, kernel: str) -> Tensor:
     """softmax(q·kᵀ·scale)·v over (B, heads, N, head_dim); ``kernel`` is "fused", "math" or "auto"."""
     if kernel == "auto":
-        kernel = switchboard.auto_kernel(q.device.type, q.dtype, q.shape[-2], torch.is_grad_enabled())
+        if torch.jit.is_scripting():  # a scripted model keeps the shipped rule
+            kernel = switchboard.auto_kernel(q.device.type, q.dtype, q.shape[-2], torch.is_grad_enabled())
+        else:
+            kernel = switchboard.calibrated_kernel(q, k, v, scale, torch.is_grad_enabled(), softmax_attention)
     if kernel == "fused":
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
     attn = (q * scale) @ k.transpose(-2, -1)

@@ -16,7 +16,9 @@ performer      matmul, einsum               Performer T2T layer: plain matmuls, 
 =============  ===========================  ===============================================
 
 Defaults come from the environment once (``T2T_VIT_ATTENTION``, ``T2T_VIT_SOFT_SPLIT``,
-``T2T_VIT_PERFORMER``), otherwise the first value above. A module copies its default into a plain
+``T2T_VIT_PERFORMER``), otherwise the first value above. With ``T2T_VIT_CALIBRATE=1``, ``auto``
+in inference is decided by timing both kernels on the machine that runs them
+(:func:`calibrated_kernel`), once per device, dtype and shape. A module copies its default into a plain
 attribute when it is constructed (scriptable, and private to that instance);
 :func:`configure` changes the choices of one model, :func:`reference_formulation` puts one model
 in the paper's formulation and leaves every other model as it is.
@@ -24,7 +26,12 @@ in the paper's formulation and leaves every other model as it is.
 from __future__ import annotations
 
 import copy
+import json
 import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -69,6 +76,108 @@ def auto_kernel(device: str, dtype: torch.dtype, tokens: int, grad: bool) -> str
     else:
         return "math"
     return "fused" if tokens >= start else "math"
+
+
+# ---- the rule calibrated on the machine that runs it -------------------------------------------
+CALIBRATE_ENV, CACHE_ENV = "T2T_VIT_CALIBRATE", "T2T_VIT_KERNEL_CACHE"
+_calibrated: dict[str, str] = {}  # key (device, threads, dtype, shapes) -> kernel, this process
+_loaded_from: set[str] = set()
+
+
+def calibration_enabled() -> bool:
+    """Whether ``auto`` is calibrated here (``T2T_VIT_CALIBRATE=1``); off by default."""
+    return os.environ.get(CALIBRATE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def kernel_cache_file() -> Path | None:
+    """Where calibrations persist: ``T2T_VIT_KERNEL_CACHE`` (empty: this process only), else
+    ``$XDG_CACHE_HOME/t2t-vit/attention-kernels.json`` (``~/.cache`` without it)."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return Path(value).expanduser() if value.strip() else None
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "t2t-vit" / "attention-kernels.json"
+
+
+def _calibration_key(q: torch.Tensor, k: torch.Tensor) -> str:
+    where = torch.cuda.get_device_name(q.device) if q.is_cuda else platform.processor() or platform.machine()
+    shapes = "x".join(map(str, q.shape)) + "/" + "x".join(map(str, k.shape))
+    return f"{q.device.type}|{where}|{torch.get_num_threads()} threads|{str(q.dtype).replace('torch.', '')}|{shapes}"
+
+
+def _measurable(q: torch.Tensor) -> bool:
+    """A real tensor on a device that computes (not a fake, meta or traced one)."""
+    return type(q) is torch.Tensor and q.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()
+
+
+def time_kernels(attention: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 scale: float, repeats: int = 3) -> dict[str, float]:
+    """Best-of-``repeats`` seconds of ``attention(q, k, v, scale, 0.0, kernel)`` with the fused and
+    the math kernel on these inputs, interleaved."""
+    best = {"fused": float("inf"), "math": float("inf")}
+    with torch.no_grad():
+        for round_ in range(repeats + 1):  # the first round warms up
+            for kernel in best:
+                if q.is_cuda:
+                    torch.cuda.synchronize(q.device)
+                start = time.perf_counter()
+                attention(q, k, v, scale, 0.0, kernel)
+                if q.is_cuda:
+                    torch.cuda.synchronize(q.device)
+                if round_:
+                    best[kernel] = min(best[kernel], time.perf_counter() - start)
+    return best
+
+
+def _cache_read(path: Path) -> dict[str, str]:
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # no cache yet, or an unreadable one: measure again
+    return {k: v for k, v in found.items() if v in ("fused", "math")} if isinstance(found, dict) else {}
+
+
+def _cache_write(path: Path, key: str, kernel: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entries = {**_cache_read(path), key: kernel}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+        os.replace(tmp, path)  # readers see the old or the new file, never half of one
+    except OSError:
+        pass  # a read-only cache is no reason to fail a forward pass; the choice stays in memory
+
+
+def calibrated_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, grad: bool,
+                      attention: Callable[..., torch.Tensor]) -> str:
+    """The kernel ``auto`` runs for these inputs: :func:`auto_kernel` (the shipped measurement),
+    unless calibration is on, in which case inference (no grad) gets whichever kernel was faster
+    when both were timed on inputs of this shape, here — measured once and kept per device, thread
+    count, dtype and shape (in this process and in :func:`kernel_cache_file`). Training keeps the
+    shipped rule, which also weighs the memory the math kernel stores for the backward pass.
+    ``attention`` is the function with both kernels (:func:`t2t_vit.layers.softmax_attention`).
+    Never called while scripting; under ``torch.compile`` and export it returns the shipped rule.
+    """
+    if grad or not calibration_enabled() or not _measurable(q):
+        return auto_kernel(q.device.type, q.dtype, q.shape[-2], grad)
+    key = _calibration_key(q, k)
+    if key not in _calibrated:
+        path = kernel_cache_file()
+        if path is not None and str(path) not in _loaded_from:
+            _calibrated.update(_cache_read(path))
+            _loaded_from.add(str(path))
+        if key not in _calibrated:
+            times = time_kernels(attention, q, k, v, scale)
+            _calibrated[key] = min(times, key=times.get)
+            if path is not None:
+                _cache_write(path, key, _calibrated[key])
+    return _calibrated[key]
+
+
+def forget_calibration() -> None:
+    """Drop this process's calibrations (the cache file is read again on next use)."""
+    _calibrated.clear()
+    _loaded_from.clear()
 
 
 # ---- defaults -------------------------------------------------------------------------------

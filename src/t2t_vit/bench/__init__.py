@@ -67,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown of each case")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default cpu; --gpu: cuda)")
-    parser.add_argument("--json", default="benchmarks/results.json", help="where to write the results")
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help="also write the results as JSON to PATH (default: print only)")
 
 
 def _preset(args: argparse.Namespace) -> dict:

@@ -104,6 +104,23 @@ def profile_bound(step: Callable[[], None], flops: float, rate_gflops: float) ->
     return dict(shares={k: round(v, 3) for k, v in shares.items()}, matmul_gflops=matmul_rate_reached, bound=bound)
 
 
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_isa() -> dict:
+    """The CPU's model name and whether it has each instruction set in :data:`ISA_FLAGS` (from
+    /proc/cpuinfo; empty where there is none): what bf16 and int8 speed depends on."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            text = info.read()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return dict(model=fields.get("model name"), **{flag: flag in flags for flag in ISA_FLAGS})
+
+
 def rss_mb() -> tuple[float, float]:
     """(current, peak) resident set size of this process in MB, from /proc/self/status."""
     values = {}

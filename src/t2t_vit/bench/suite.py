@@ -16,7 +16,7 @@ from t2t_vit.agreement import digits_agreement
 from t2t_vit.bench.cases import (
     AGREEMENT_MODEL, COMPILE_BATCH, COMPILE_MODELS, OTHER_MODES, OTHERS, warm_case, build_other, precision_of,
 )
-from t2t_vit.bench.measure import forward_flops, matmul_rate, profile_bound, time_alternating, training_memory
+from t2t_vit.bench.measure import cpu_isa, forward_flops, matmul_rate, profile_bound, time_alternating, training_memory
 from t2t_vit.runtime import malloc_tuned
 
 RATE_KEYS = {"fp32": "float32", "bf16": "bfloat16"}
@@ -84,7 +84,8 @@ def bench_model(
             if rates:
                 _profile_rows(group, warmed, rates, log)
             rows += group
-            log(format_table(dict(rows=group, memory=[])))  # the group's results now, in case the run is cut short
+            for r in group:  # the group's results now, in case the run is cut short (the table comes at the end)
+                log(f"  {r['model']} {r['mode']}: {1000 * r['seconds']:.1f} ms, {r['images_per_s']:.1f} images/s")
             del warmed
             _release(device)
     return rows
@@ -198,7 +199,8 @@ def _meta(device: torch.device) -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return dict(other_python_processes=other_python_processes(), finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), command=" ".join(sys.argv),
                 torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(), device=str(device),
-                processor=platform.processor() or platform.machine(), loadavg=load, malloc_tuned=malloc_tuned(),
+                processor=platform.processor() or platform.machine(), cpu_isa=cpu_isa(), loadavg=load,
+                malloc_tuned=malloc_tuned(),
                 gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
 
 
@@ -209,18 +211,19 @@ def _ratio(value: float | None) -> str:
 def format_table(result: dict) -> str:
     """Markdown tables of the timing rows and the memory rows."""
     gpu = any(r.get("peak_mb") is not None for r in result["rows"])
+    profiled = any("profile" in r for r in result["rows"])  # no profile (--quick): no empty column
     lines = ["| model | task | batch | mode | attention kernel | ms/step | images/s | × ref fp32 | × ref bf16 "
-             "| floor ms | × floor | bounded by |" + (" peak MB |" if gpu else ""),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
+             "| floor ms | × floor |" + (" bounded by |" if profiled else "") + (" peak MB |" if gpu else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if profiled else "") + ("---|" if gpu else "")]
     for r in result["rows"]:
         head = f"| {r['model']} | {r['task']} | {r['batch']} | {r['mode']} |"
         if r.get("out_of_memory"):
-            lines.append(head + " | out of memory |||||||" + ("|" if gpu else ""))
+            lines.append(head + " | out of memory ||||||" + ("|" if profiled else "") + ("|" if gpu else ""))
             continue
         floor = f"{1000 * r['floor_s']:.1f} | {r['of_floor']:.1f}" if "floor_s" in r else "— | —"
-        bound = r.get("profile", {}).get("bound", "")
+        bound = f" {r.get('profile', {}).get('bound', '')} |" if profiled else ""
         lines.append(f"{head} {r['kernel']} | {1000 * r['seconds']:.1f} | {r['images_per_s']:.1f} | "
-                     f"{_ratio(r['speedup'])} | {_ratio(r.get('speedup_autocast'))} | {floor} | {bound} |"
+                     f"{_ratio(r['speedup'])} | {_ratio(r.get('speedup_autocast'))} | {floor} |{bound}"
                      + (f" {r['peak_mb']:.0f} |" if gpu else ""))
     if result["memory"]:
         lines += ["", "| model | train batch | mode | peak RSS MB | step MB | × reference |", "|---|---|---|---|---|---|"]
@@ -271,7 +274,7 @@ def check_targets(result: dict) -> list[dict]:
         found.append(dict(target="T2T-ViTt-14 bf16 training-step memory vs the reference fp32 ≤ 0.5×", measured=ratio,
                           met=ratio <= 0.5))
     rows = [r for r in result["rows"] if "of_floor" in r]
-    if rows:
+    if rows and any("profile" in r for r in rows):  # without a profile (--quick) the bound is not measured
         unexplained = [r for r in rows if r["of_floor"] > 2 and "bound" not in r.get("profile", {})]
         found.append(dict(target="every case within 2× its compute floor, or what bounds it measured",
                           measured=sum(r["of_floor"] <= 2 for r in rows) / len(rows), met=not unexplained))
