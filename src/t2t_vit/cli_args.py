@@ -10,7 +10,7 @@ import argparse
 from typing import Any
 
 from t2t_vit.deploy import RUNTIMES
-from t2t_vit.errors import T2TViTError
+from t2t_vit.errors import check_range
 from t2t_vit.inference import Inference, load
 from t2t_vit.metadata import MAX_IMG
 from t2t_vit.precision import PRECISIONS
@@ -48,13 +48,6 @@ def add_runtime_args(parser: argparse.ArgumentParser, precision: bool = True, ru
         group.add_argument("--int8", action="store_true",
                            help="post-training int8 quantization (openvino: NNCF, onnxruntime: quantize_static)")
         group.add_argument("--calib-data", metavar="DIR", help="images that calibrate --int8 (up to 300 are read)")
-
-
-def check_range(flag: str, value: int | None, low: int, high: int | None = None) -> None:
-    """One line for a number flag outside ``[low, high]``: argparse only checks that it is a number."""
-    if value is not None and (value < low or (high is not None and value > high)):
-        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise T2TViTError(f"{flag} must be {bound}, got {value}")
 
 
 def check_img_size(value: int | None) -> None:

@@ -37,6 +37,13 @@ def require(module: str, extra: str, purpose: str) -> ModuleType:
         ) from err
 
 
+def check_range(flag: str, value: int | None, low: int, high: int | None = None) -> None:
+    """One line for a number flag outside ``[low, high]``: argparse only checks that it is a number."""
+    if value is not None and (value < low or (high is not None and value > high)):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise T2TViTError(f"{flag} must be {bound}, got {value}")
+
+
 def did_you_mean(word: str, choices: Iterable[str], n: int = 3, quote: bool = False) -> str:
     """``"; did you mean a, b?"`` for the closest of ``choices`` to ``word``, or ``""`` when none is
     close; ``quote`` writes each suggestion as ``'a'``."""

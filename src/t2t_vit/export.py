@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from t2t_vit.cli_args import add_model_args, check_range, load_inference
+from t2t_vit.cli_args import add_model_args, load_inference
 from t2t_vit.deploy.graph import INPUT_NAME, MAX_BATCH, OUTPUT_NAME, example_input, export_onnx  # noqa: F401 (re-exported)
-from t2t_vit.errors import T2TViTError, require
+from t2t_vit.errors import T2TViTError, check_range, require
 
 FORMATS = ("onnx", "torchscript", "openvino")
 

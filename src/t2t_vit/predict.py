@@ -12,8 +12,8 @@ import os
 import sys
 from typing import Any
 
-from t2t_vit.cli_args import add_model_args, add_runtime_args, check_range, load_inference
-from t2t_vit.errors import T2TViTError
+from t2t_vit.cli_args import add_model_args, add_runtime_args, load_inference
+from t2t_vit.errors import T2TViTError, check_range
 
 
 def shown(text: str) -> str:

@@ -99,10 +99,10 @@ def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from t2t_vit import list_models
-    from t2t_vit.cli_args import check_img_size
-    from t2t_vit.errors import T2TViTError
+    from t2t_vit.errors import T2TViTError, check_range
+    from t2t_vit.metadata import MAX_IMG
 
-    check_img_size(args.img_size)  # --img-size 100000 would allocate ~80 GB for the position table
+    check_range("--img-size", args.img_size, 1, MAX_IMG)  # --img-size 100000 would allocate ~80 GB for the position table
     names = list_models() if args.all or not args.names else args.names
     unknown = [n for n in names if n not in list_models()]
     if unknown:

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from t2t_vit.cli_args import add_model_args, add_runtime_args, check_range, load_inference
-from t2t_vit.errors import T2TViTError
+from t2t_vit.cli_args import add_model_args, add_runtime_args, load_inference
+from t2t_vit.errors import T2TViTError, check_range
 from t2t_vit.inference import Inference, read_image
 from t2t_vit.layers import Attention
 from t2t_vit.model import T2TViT

@@ -171,7 +171,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from t2t_vit.runtime import default_device
     from t2t_vit.train.evaluate import evaluate
 
-    from t2t_vit.cli_args import check_range
+    from t2t_vit.errors import check_range
 
     check_range("--batch-size", args.batch_size, 1)
     check_range("--workers", args.workers, 0)
