@@ -69,7 +69,8 @@ def feature_maps(model: T2TViT, x: Tensor, blocks: Sequence[int]) -> list[tuple[
         _, stages = _t2t_stages(model.tokens_to_token, x)
         maps += [(f"T2T layer {i}", stage[0]) for i, stage in enumerate(stages, 1)]
     indices = sorted(set(b - 1 for b in blocks))
-    outputs = model.forward_intermediates(x, indices=indices, intermediates_only=True, output_fmt="NCHW")
+    levels = [model.num_stem_levels + i for i in indices]  # feature levels list the T2T module's maps first
+    outputs = model.forward_intermediates(x, indices=levels, intermediates_only=True, output_fmt="NCHW")
     maps += [(f"block {i + 1}", out[0]) for i, out in zip(indices, outputs)]
     return maps
 
