@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 
 from t2t_vit.cli_args import add_model_args, add_runtime_args
-from t2t_vit.errors import T2TViTError
+from t2t_vit.errors import T2TViTError, check_range
 from t2t_vit.model import to_2tuple_size
 from t2t_vit.precision import PRECISIONS
 from t2t_vit.train.checks import pretrained_tag, read_yaml
@@ -121,8 +122,6 @@ def base_recipe(args: argparse.Namespace) -> str | None:
 
 def _resumed_run_config(args: argparse.Namespace) -> str | None:
     """The config.yaml of the run ``--resume`` continues, so that flags only need to name changes."""
-    import os
-
     if args.resume == "auto":
         folder = args.output
     elif args.resume:
@@ -161,8 +160,6 @@ def _eval_model(args: argparse.Namespace):
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    import os
-
     import torch
     from torch.utils.data import DataLoader
 
@@ -170,8 +167,6 @@ def run_eval(args: argparse.Namespace) -> int:
     from t2t_vit.data.readers import is_reader_spec
     from t2t_vit.runtime import default_device
     from t2t_vit.train.evaluate import evaluate
-
-    from t2t_vit.errors import check_range
 
     check_range("--batch-size", args.batch_size, 1)
     check_range("--workers", args.workers, 0)

@@ -167,7 +167,9 @@ def resume_changes(cfg: TrainConfig, stem: str) -> list[str]:
     saved = saved_config(stem)
     if saved is None:
         return []
-    new = cfg.to_dict()
+    import yaml
+
+    new = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # as config.yaml holds it: tuples → lists
     differ = [name for name in new if name in saved and saved[name] != new[name]]
     fixed = [name for name in differ if name not in FREE_ON_RESUME]
     if fixed:
