@@ -61,7 +61,13 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, class_names:
         raise T2TViTError("save_pretrained needs a model built by t2t_vit.create_model or timm.create_model")
     data = _data_config(model, data_config)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise T2TViTError(f"save_pretrained writes a folder (config.json + {WEIGHTS_NAME}), but {directory} is "
+                          "an existing file; choose another path")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise T2TViTError(f"could not create {directory}: {err.strerror or err}") from err
     model_args = _model_args(model)
     model_config = {"label_names": list(class_names)} if class_names else None
     try:

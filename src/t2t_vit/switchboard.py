@@ -122,7 +122,12 @@ def reference_formulation(model: nn.Module, enable: bool = True) -> nn.Module:
     return configure(model, **(REFERENCE if enable else defaults()))
 
 
-def for_inference(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+# Names for_inference accepts besides a torch.dtype (the CLI's --precision names and torch's).
+DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+               "half": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def for_inference(model: nn.Module, dtype: torch.dtype | str = torch.bfloat16) -> nn.Module:
     """``model`` ready for low-precision inference: weights in ``dtype``, eval mode; returns it.
 
     Unlike ``torch.autocast``, no weight is cast per call: the cast happens once, here. Buffers a
@@ -130,10 +135,15 @@ def for_inference(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
     Performer's feature maps and normaliser are computed in float32 as always; LayerNorm, softmax
     and matmuls run in ``dtype`` (with float32 accumulation in PyTorch's kernels). Images may
     still be passed in float32: the model casts its input to its weights' dtype. Logits come out
-    in ``dtype``. Convert a copy (``copy.deepcopy``) to keep the float32 model too.
+    in ``dtype``. Convert a copy (``copy.deepcopy``) to keep the float32 model too. ``dtype`` may
+    be named: ``"bf16"``/``"bfloat16"``, ``"fp16"``/``"float16"``/``"half"``, ``"fp32"``/``"float32"``.
     """
-    if not dtype.is_floating_point:
-        raise T2TViTError(f"for_inference needs a floating-point dtype, got {dtype}")
+    if isinstance(dtype, str):
+        if dtype.lower() not in DTYPE_NAMES:
+            raise T2TViTError(f"for_inference takes a torch dtype or one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+        dtype = DTYPE_NAMES[dtype.lower()]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise T2TViTError(f"for_inference needs a floating-point dtype, got {dtype!r}")
     kept = [(module, name, getattr(module, name)) for module in model.modules()
             for name in getattr(module, "fp32_buffers", ())]
     model.to(dtype).eval()
