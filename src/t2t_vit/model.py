@@ -32,9 +32,10 @@ def to_2tuple_size(img_size: int | Sequence[int]) -> tuple[int, int]:
     raise T2TViTError(f"img_size must be a positive int or (height, width) of positive ints, got {img_size!r}")
 
 
-def check_stem(stem: object) -> None:
-    """A stem name, or a non-empty list of [kernel >= 1, stride >= 1, 0 <= padding < kernel]."""
-    if isinstance(stem, str):
+def check_stem(stem: object, tokenizer: str = "performer") -> None:
+    """A stem name, or a non-empty list of [kernel >= 1, stride >= 1, 0 <= padding < kernel]
+    (the plain patch tokenizer has no stem)."""
+    if isinstance(stem, str) or tokenizer == "patch":
         return
     specs = list(stem) if isinstance(stem, (list, tuple)) else []
     ok = bool(specs) and all(
@@ -99,10 +100,8 @@ class T2TViT(nn.Module):
         if global_pool not in ("token", "avg", ""):
             raise T2TViTError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
         self.img_size = to_2tuple_size(img_size)
-        if tokenizer != "patch":
-            check_stem(stem)
-        self.in_chans = in_chans
-        self.num_classes = num_classes
+        check_stem(stem, tokenizer)
+        self.in_chans, self.num_classes = in_chans, num_classes
         self.global_pool = global_pool
         self.dynamic_img_size = dynamic_img_size
         self.num_prefix_tokens = 1
