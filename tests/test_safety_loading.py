@@ -112,6 +112,8 @@ def test_poisoned_checkpoint_fetches_and_plants_nothing(server, tmp_path, capsys
     one_line(err, str(path), "'pretrained'", "never chooses")
     assert cli.main(["convert", str(path), str(tmp_path / "out.safetensors")]) == 2
     assert "never chooses" in capsys.readouterr().err
+    assert cli.main(["predict", str(image(tmp_path)), "--checkpoint", str(path)]) == 2  # the command
+    assert "never chooses" in capsys.readouterr().err
     assert server.requests == [] and cache_files(tmp_path) == [] and not (tmp_path / "out.safetensors").exists()
 
 
