@@ -112,6 +112,8 @@ def test_poisoned_checkpoint_fetches_and_plants_nothing(server, tmp_path, capsys
     one_line(err, str(path), "'pretrained'", "never chooses")
     assert cli.main(["convert", str(path), str(tmp_path / "out.safetensors")]) == 2
     assert "never chooses" in capsys.readouterr().err
+    assert cli.main(["predict", str(image(tmp_path)), "--checkpoint", str(path)]) == 2  # the command
+    assert "never chooses" in capsys.readouterr().err
     assert server.requests == [] and cache_files(tmp_path) == [] and not (tmp_path / "out.safetensors").exists()
 
 
@@ -437,3 +439,53 @@ def test_img_size_is_bounded_by_what_a_forward_pass_costs(tmp_path, capsys):
     for name in ("t2t_vit_14", "t2t_vit_t_24", "vit_s16"):  # the estimate follows the paper (within 10 %)
         assert abs(t2t_gmacs(name, {}) - VARIANTS[name].paper.gmacs) < 0.1 * VARIANTS[name].paper.gmacs
     assert t2t_gmacs("t2t_vit_t_14", {"img_size": 1024}) < MAX_GMACS < t2t_gmacs("t2t_vit_t_14", {"img_size": 1536})
+
+
+# ---- item 12 (library): wrong arguments are one line, not a traceback from deep inside ----------
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(img_size="abc"), "img_size"), (dict(img_size=True), "img_size"), (dict(img_size=0), "img_size"),
+    (dict(img_size=[32]), "img_size"), (dict(img_size=[32, "x"]), "img_size"),
+    (dict(stem=[[0, 0, 0]]), "stem"), (dict(stem=[[3, 0, 1]]), "stem"), (dict(stem=[]), "stem"),
+    (dict(stem=[[3, 2]]), "stem"), (dict(stem=[[3, 1, 3]]), "stem"), (dict(stem=5), "stem"),
+])
+def test_bad_model_arguments_are_one_line(kwargs, field):
+    with pytest.raises(T2TViTError) as err:
+        t2t_vit.create_model("t2t_vit_7", **{"img_size": 32, **kwargs})
+    one_line(err, f"{field} must be")
+
+
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_c_14", "vit_s16"])
+def test_empty_batch_and_wrong_channel_count_are_one_line(name):
+    model = t2t_vit.create_model(name, depth=1, num_classes=3, img_size=64).eval()
+    with pytest.raises(T2TViTError) as err:
+        model(torch.zeros(0, 3, 64, 64))
+    one_line(err, "non-empty batch", "(0, 3, 64, 64)")
+    with pytest.raises(T2TViTError) as err:
+        model(torch.zeros(2, 1, 64, 64))
+    one_line(err, "takes 3-channel images", "in_chans=1")
+    grey = t2t_vit.create_model(name, depth=1, num_classes=3, img_size=64, in_chans=1).eval()
+    assert grey(torch.zeros(2, 1, 64, 64)).shape == (2, 3)
+
+
+def test_for_inference_takes_precision_names():
+    named = t2t_vit.for_inference(small(), "bf16")
+    typed = t2t_vit.for_inference(small(), torch.bfloat16)
+    assert named.head.weight.dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(named.state_dict().values(), typed.state_dict().values()))
+    assert t2t_vit.for_inference(small(), "float16").head.weight.dtype == torch.float16
+    for bad in ("fp8", torch.int8, 16):
+        with pytest.raises(T2TViTError) as err:
+            t2t_vit.for_inference(small(), bad)
+        one_line(err, "for_inference")
+
+
+def test_save_pretrained_onto_an_existing_file_is_one_line(tmp_path):
+    target = tmp_path / "model"
+    target.write_text("keep me")
+    with pytest.raises(T2TViTError) as err:
+        save_pretrained(small(), target)
+    one_line(err, str(target), "is an existing file")
+    assert target.read_text() == "keep me"
+    with pytest.raises(T2TViTError) as err:
+        save_pretrained(small(), target / "inside")
+    one_line(err, "could not create")

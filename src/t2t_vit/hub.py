@@ -68,7 +68,8 @@ def _stream(url: str, tmp: Path, progress: bool) -> int:
     deadline = download_deadline()
     end = time.monotonic() + deadline
     received = 0
-    with urllib.request.urlopen(url, timeout=min(_READ_TIMEOUT, deadline)) as response, tmp.open("wb") as out:  # noqa: S310 (http/https only)
+    timeout = min(_READ_TIMEOUT, deadline)
+    with urllib.request.urlopen(url, timeout=timeout) as response, tmp.open("wb") as out:  # noqa: S310 (http(s) only)
         expected = response.headers.get("Content-Length")
         while chunk := response.read1(_CHUNK):
             out.write(chunk)

@@ -17,13 +17,32 @@ from t2t_vit.layers import sinusoid_table
 from t2t_vit.t2t import SoftSplitSpec, T2TModule, build_tokenizer, token_grid
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def to_2tuple_size(img_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(img_size, int):
-        return img_size, img_size
-    size = tuple(int(v) for v in img_size)
-    if len(size) != 2:
-        raise T2TViTError(f"img_size must be an int or (height, width), got {img_size!r}")
-    return size  # type: ignore[return-value]
+    """``img_size`` as (height, width) of positive ints; anything else is one line."""
+    if _positive_int(img_size):
+        return img_size, img_size  # type: ignore[return-value]
+    if isinstance(img_size, (list, tuple)) and len(img_size) == 2 and all(map(_positive_int, img_size)):
+        return int(img_size[0]), int(img_size[1])
+    raise T2TViTError(f"img_size must be a positive int or (height, width) of positive ints, got {img_size!r}")
+
+
+def check_stem(stem: object, tokenizer: str = "performer") -> None:
+    """A stem name, or a non-empty list of [kernel >= 1, stride >= 1, 0 <= padding < kernel]
+    (the plain patch tokenizer has no stem)."""
+    if isinstance(stem, str) or tokenizer == "patch":
+        return
+    specs = list(stem) if isinstance(stem, (list, tuple)) else []
+    ok = bool(specs) and all(
+        isinstance(spec, (list, tuple)) and len(spec) == 3 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                   for v in spec)
+        and spec[0] >= 1 and spec[1] >= 1 and 0 <= spec[2] < spec[0] for spec in specs)
+    if not ok:
+        raise T2TViTError(f"stem must be a stem name or a non-empty list of [kernel, stride, padding] with kernel "
+                          f">= 1, stride >= 1 and 0 <= padding < kernel, got {stem!r}")
 
 
 class T2TViT(nn.Module):
@@ -79,7 +98,8 @@ class T2TViT(nn.Module):
         if global_pool not in ("token", "avg", ""):
             raise T2TViTError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
         self.img_size = to_2tuple_size(img_size)
-        self.num_classes = num_classes
+        check_stem(stem, tokenizer)
+        self.in_chans, self.num_classes = in_chans, num_classes
         self.global_pool = global_pool
         self.dynamic_img_size = dynamic_img_size
         self.num_prefix_tokens = 1
@@ -150,7 +170,7 @@ class T2TViT(nn.Module):
 
     def _table(self, x: Tensor) -> Tensor:
         return position_table_for(x, self.pos_embed, self.tokens_to_token.specs, self.grid_size,
-                                  self.dynamic_img_size, self.img_size)
+                                  self.dynamic_img_size, self.img_size, self.in_chans)
 
     def _with_cls_and_table(self, tokens: Tensor, table: Tensor) -> Tensor:
         tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
@@ -279,6 +299,13 @@ def resample_position_table(table: Tensor, new_grid: Tuple[int, int], old_grid: 
     )
 
 
+def _channel_hint(image: Tensor, in_chans: int) -> str:
+    if image.dim() == 4 and image.shape[0] > 0 and in_chans > 0:
+        return (f"; this model takes {in_chans}-channel images (repeat a grey image into {in_chans} channels, or "
+                f"create the model with in_chans={image.shape[1]})")
+    return ""
+
+
 def fit_position_table(
     table: Tensor, grid: Tuple[int, int], built: Tuple[int, int], dynamic: bool, img_size: Tuple[int, int]
 ) -> Tensor:
@@ -301,18 +328,19 @@ def fit_position_table(
 @torch.fx.wrap
 def position_table_for(
     image: Tensor, table: Tensor, specs: List[Tuple[int, int, int]], built: Tuple[int, int], dynamic: bool,
-    img_size: Tuple[int, int],
+    img_size: Tuple[int, int], in_chans: int = -1,
 ) -> Tensor:
-    """The position table for ``image`` (checked: 4-D, a size the soft splits tile).
+    """The position table for ``image`` (checked: 4-D, at least one image, ``in_chans`` channels,
+    a size the soft splits tile).
 
     Depends on the input's shape through Python control flow, so ``torch.fx`` keeps it as one call.
     """
-    if image.dim() != 4:
+    if image.dim() != 4 or image.shape[0] == 0 or (in_chans > 0 and image.shape[1] != in_chans):
         if torch.jit.is_scripting():
-            raise RuntimeError("expected images of shape (batch, channels, height, width)")
+            raise RuntimeError("expected a non-empty batch of images (batch, in_chans, height, width)")
         else:
-            raise T2TViTError(
-                f"expected images of shape (batch, channels, height, width), got {tuple(image.shape)}")
+            raise T2TViTError(f"expected a non-empty batch of images of shape (batch, {in_chans}, height, width), "
+                              f"got {tuple(image.shape)}" + _channel_hint(image, in_chans))
     grid = token_grid((image.shape[-2], image.shape[-1]), specs)
     return fit_position_table(table, grid, built, dynamic, img_size)
 

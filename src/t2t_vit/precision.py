@@ -26,16 +26,19 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-def as_dtype(value: str | torch.dtype) -> torch.dtype:
-    """A floating dtype from a dtype or a name ("bf16", "bfloat16", "fp16", "fp32", ...)."""
+def as_dtype(value: str | torch.dtype, who: str = "precision") -> torch.dtype:
+    """A floating dtype from a dtype or a name ("bf16", "bfloat16", "fp16", "fp32", ...); ``who``
+    names the caller in the error."""
+    name = _DTYPE_NAMES.get(value.lower(), value.lower()) if isinstance(value, str) else None
     if isinstance(value, torch.dtype):
         dtype = value
-    elif isinstance(value, str) and _DTYPE_NAMES.get(value, value) in PRECISIONS:
-        dtype = PRECISIONS[_DTYPE_NAMES.get(value, value)] or torch.float32
+    elif name in PRECISIONS:
+        dtype = PRECISIONS[name] or torch.float32
     else:
-        raise T2TViTError(f"unknown precision {value!r}; choose one of {', '.join(PRECISIONS)} or a torch dtype")
+        raise T2TViTError(f"{who}: unknown precision {value!r}; give a torch dtype or one of "
+                          f"{', '.join([*PRECISIONS, *_DTYPE_NAMES])}")
     if not dtype.is_floating_point:
-        raise T2TViTError(f"a precision must be a floating-point dtype, got {dtype}")
+        raise T2TViTError(f"{who}: a precision must be a floating-point dtype, got {dtype}")
     return dtype
 
 
@@ -58,7 +61,7 @@ def for_inference(model: nn.Module, dtype: torch.dtype | str = torch.bfloat16) -
     in ``dtype``. Convert a copy (``copy.deepcopy``) to keep the float32 model too. ``dtype`` may
     be a name: "bf16", "fp16", "fp32".
     """
-    dtype = as_dtype(dtype)
+    dtype = as_dtype(dtype, "for_inference")
     kept = [(module, name, getattr(module, name)) for module in model.modules()
             for name in getattr(module, "fp32_buffers", ())]
     model.to(dtype).eval()

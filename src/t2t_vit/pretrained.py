@@ -69,7 +69,13 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, class_names:
     data = _data_config(model, data_config)
     class_names = class_names or _cfg_class_names(model)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise T2TViTError(f"save_pretrained writes a folder (config.json + {WEIGHTS_NAME}), but {directory} is "
+                          "an existing file; choose another path")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise T2TViTError(f"could not create {directory}: {err.strerror or err}") from err
     model_args = _model_args(model)
     model_config = {"label_names": list(class_names)} if class_names else None
     try:
