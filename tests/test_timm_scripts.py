@@ -70,8 +70,8 @@ def test_head_that_fits_is_loaded_not_dropped(trained, caplog):
     """timm used to drop a trained head on a class-count `change` from its cfg's 1000 (chance accuracy)."""
     run, _ = trained
     best = run / "checkpoint-best.safetensors"
-    model = timm.create_model("t2t_vit_7", pretrained=True, num_classes=10,
-                              pretrained_cfg_overlay=dict(file=str(best))).eval()
+    model = timm.create_model("t2t_vit_7", pretrained=True, num_classes=10, img_size=32, stem="small", **ARCH,
+                              pretrained_cfg_overlay=dict(file=str(best))).eval()  # all given: only the head differs
     reference = t2t_vit.model_from_checkpoint(best).eval()
     assert torch.equal(model.head.weight, reference.head.weight)
     assert "Missing keys" not in caplog.text
