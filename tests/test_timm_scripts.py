@@ -70,8 +70,8 @@ def test_head_that_fits_is_loaded_not_dropped(trained, caplog):
     """timm used to drop a trained head on a class-count `change` from its cfg's 1000 (chance accuracy)."""
     run, _ = trained
     best = run / "checkpoint-best.safetensors"
-    model = timm.create_model("t2t_vit_7", pretrained=True, num_classes=10,
-                              pretrained_cfg_overlay=dict(file=str(best))).eval()
+    model = timm.create_model("t2t_vit_7", pretrained=True, num_classes=10, img_size=32, stem="small", **ARCH,
+                              pretrained_cfg_overlay=dict(file=str(best))).eval()  # all given: only the head differs
     reference = t2t_vit.model_from_checkpoint(best).eval()
     assert torch.equal(model.head.weight, reference.head.weight)
     assert "Missing keys" not in caplog.text
@@ -88,6 +88,11 @@ def test_timm_load_checkpoint_reads_the_training_checkpoint(trained):
             load_checkpoint(model, str(run / f"{name}.pth.tar"), use_ema=use_ema)
             own = t2t_vit.read_state_dict(run / f"{name}.safetensors", use_ema=use_ema)
             assert all(torch.equal(model.state_dict()[k], v) for k, v in own.items())
+    # train.py --initial-checkpoint: timm's create_model(checkpoint_path=), its load_checkpoint (EMA first)
+    initial = timm.create_model("t2t_vit_7", num_classes=10, img_size=32, stem="small", **ARCH,
+                                checkpoint_path=str(run / "checkpoint-best.pth.tar"))
+    ema = t2t_vit.read_state_dict(run / "checkpoint-best.safetensors", use_ema=True)
+    assert all(torch.equal(initial.state_dict()[k], v) for k, v in ema.items())
 
 
 def test_timm_randaugment_runs_unpatched_at_every_magnitude():
