@@ -109,3 +109,13 @@ def test_a_calibrated_model_computes_the_same_function_and_scripts(calibrating):
         scripted = torch.jit.script(switchboard.configure(model, attention="auto"))(x)
     torch.testing.assert_close(calibrated, shipped, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(scripted, shipped, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("calibrate", ["0", "1"])
+def test_compiling_sees_the_shipped_rule_without_a_graph_break(calibrate, monkeypatch):
+    """What `t2t-vit bench` reports for compiled cases: dynamo traces the forward in one graph."""
+    from t2t_vit.bench.cases import graph_breaks
+
+    monkeypatch.setenv(switchboard.CALIBRATE_ENV, calibrate)
+    model = t2t_vit.create_model("t2t_vit_t_14", img_size=32, embed_dim=32, depth=2, num_heads=2, token_dim=16).eval()
+    assert graph_breaks(model, torch.randn(2, 3, 32, 32), "fp32") == 0

@@ -54,6 +54,9 @@ def trained(tmp_path_factory):
         paths.append(folder / "held_out" / f"{i:03d}.png")
         paths[-1].parent.mkdir(exist_ok=True)
         Image.fromarray(image).save(paths[-1])
+    for i, image in enumerate(bundle.train.images[:100]):  # int8 calibration: images eval never sees
+        (folder / "calibration").mkdir(exist_ok=True)
+        Image.fromarray(image).save(folder / "calibration" / f"{i:03d}.png")
     val_x = torch.stack([bundle.val[i][0] for i in range(len(paths))])
     with torch.no_grad():
         labels = model.eval()(val_x).argmax(-1).tolist()  # what eval's forward predicts
@@ -90,6 +93,29 @@ def test_runtime_logits_match_torch_through_the_library(trained):
         torch.testing.assert_close(clf.logits(batch), expected, rtol=0, atol=1e-4)
     bf16 = inference.load(checkpoint=checkpoint, runtime="openvino", precision="bf16")
     assert (bf16.logits(batch) - expected).abs().max() < 0.5  # bf16 rounding, not another function
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
+def test_int8_predict_agrees_with_fp32_and_keeps_stdout_for_results(trained, runtime, capsys):
+    checkpoint, paths, labels = trained
+    calibration = paths[0].parent.parent / "calibration"
+    code, out, _ = cli(capsys, "predict", *map(str, paths), "--checkpoint", str(checkpoint), "--runtime", runtime,
+                       "--int8", "--calib-data", str(calibration), "--json", "--topk", "1", "--batch-size", "120")
+    assert code == 0
+    got = [int(r["predictions"][0]["label"]) for r in json.loads(out)]  # quantizer progress went elsewhere
+    agreement = np.mean(np.array(got) == np.array(labels))
+    assert agreement >= 0.95, agreement  # a briefly trained 2-block model: small margins, still ≥ 95%
+
+
+def test_int8_without_calibration_images_is_one_line(trained, capsys, tmp_path):
+    checkpoint, paths, _ = trained
+    code, _, err = cli(capsys, "predict", str(paths[0]), "--checkpoint", str(checkpoint), "--runtime", "openvino",
+                       "--int8")
+    assert code == 2 and "--calib-data DIR" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli(capsys, "predict", str(paths[0]), "--checkpoint", str(checkpoint), "--runtime", "openvino",
+                       "--int8", "--calib-data", str(tmp_path))
+    assert code == 2 and "holds no images" in err
 
 
 # ---- every model exports to OpenVINO IR --------------------------------------------------------

@@ -107,7 +107,7 @@ def _calibration_key(q: torch.Tensor, k: torch.Tensor) -> str:
 
 def _measurable(q: torch.Tensor) -> bool:
     """A real tensor on a device that computes (not a fake, meta or traced one)."""
-    return type(q) is torch.Tensor and q.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()
+    return type(q) is torch.Tensor and q.device.type in ("cpu", "cuda")
 
 
 def time_kernels(attention: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -158,7 +158,8 @@ def calibrated_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     ``attention`` is the function with both kernels (:func:`t2t_vit.layers.softmax_attention`).
     Never called while scripting; under ``torch.compile`` and export it returns the shipped rule.
     """
-    if grad or not calibration_enabled() or not _measurable(q):
+    # is_compiling first: dynamo folds it to a constant and traces no timing code (no graph break)
+    if torch.compiler.is_compiling() or grad or not calibration_enabled() or not _measurable(q):
         return auto_kernel(q.device.type, q.dtype, q.shape[-2], grad)
     key = _calibration_key(q, k)
     if key not in _calibrated:

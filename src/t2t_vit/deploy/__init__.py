@@ -21,8 +21,11 @@ from t2t_vit.errors import T2TViTError
 
 RUNTIMES = ("torch", "openvino", "onnxruntime")
 PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "openvino": ("fp32", "bf16"), "onnxruntime": ("fp32",)}
-# Regular expressions of the nodes int8 leaves float (none: the whole graph is quantized).
-KEEP_FLOAT: tuple[str, ...] = ()
+# Regular expressions of the nodes int8 leaves float: the T2T module. Quantized, its Performer
+# features and 3,136/784-token layers cost agreement (t2t_vit_7 on the held-out digits: 97.5%
+# OpenVINO, 91.9% ONNX Runtime; kept float: 99.7%, 99.4%; benchmarks/deploy_agreement.py); the
+# backbone holds ~95% of the MACs.
+KEEP_FLOAT: tuple[str, ...] = (".*tokens_to_token.*",)
 
 
 def check(runtime: str, precision: str = "fp32", int8: bool = False) -> None:

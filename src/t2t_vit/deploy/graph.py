@@ -19,8 +19,12 @@ MAX_BATCH = 4096
 
 
 def input_shape(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) the model takes."""
-    return getattr(model, "in_chans", 3), *model.img_size
+    """(C, H, W) the model takes: its ``img_size`` (ours), its patch embedding's (timm's ViTs), else
+    its pretrained config's input size (timm's CNNs)."""
+    size = getattr(model, "img_size", None) or getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is None:
+        size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[1:]
+    return getattr(model, "in_chans", 3), *tuple(size)
 
 
 def example_input(model: nn.Module, batch: int = 1, seed: int = 0) -> Tensor:

@@ -8,6 +8,9 @@ the caller's preprocessed images.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -78,6 +81,8 @@ def quantize(graph: Any, calibration: Sequence[np.ndarray], keep_float: Iterable
     if not calibration:
         raise T2TViTError("int8 quantization needs calibration images: --calib-data DIR")
     patterns = list(keep_float)
-    return nncf.quantize(graph, nncf.Dataset(list(calibration)), model_type=nncf.ModelType.TRANSFORMER,
-                         subset_size=sum(len(b) for b in calibration),
-                         ignored_scope=nncf.IgnoredScope(patterns=patterns, validate=False) if patterns else None)
+    nncf.set_log_level(logging.ERROR)  # its per-node INFO lines would bury the command's output
+    with contextlib.redirect_stdout(sys.stderr):  # progress bars: keep stdout for results (predict --json)
+        return nncf.quantize(graph, nncf.Dataset(list(calibration)), model_type=nncf.ModelType.TRANSFORMER,
+                             subset_size=len(calibration),  # NNCF counts dataset items: our batches
+                             ignored_scope=nncf.IgnoredScope(patterns=patterns, validate=False) if patterns else None)
