@@ -8,6 +8,7 @@ import http.server
 import io
 import json
 import os
+import socketserver
 import threading
 import time
 import zipfile
@@ -355,31 +356,36 @@ def test_only_http_downloads_of_a_named_file(monkeypatch, server, tmp_path, url)
 
 
 # ---- item 8: one deadline per download, stale partials cleaned, readable cache ------------------
-class Trickle(http.server.BaseHTTPRequestHandler):
-    """Announces 10 kB, then sends one byte every 0.3 s (for at most 20 s)."""
+class Trickle(socketserver.StreamRequestHandler):
+    """Sends a response one byte every 0.3 s (for at most 20 s): from its first header byte
+    (``headers``), or after complete headers announcing 10 kB (``body``)."""
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        self.send_response(200)
-        self.send_header("Content-Length", "10000")
-        self.end_headers()
+    where = "body"
+
+    def handle(self) -> None:
+        self.rfile.readline()
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 10000\r\n\r\n"
+        if self.where == "body":
+            self.wfile.write(head)
+        stream = head * 3 if self.where == "headers" else b"\x80" * 70
         try:
-            for _ in range(70):
-                self.wfile.write(b"\x80")
+            for byte in stream[:70]:
+                self.wfile.write(bytes([byte]))
                 self.wfile.flush()
                 time.sleep(0.3)
         except OSError:
             pass  # the client gave up, as it should
 
-    def log_message(self, *args) -> None:
-        pass
 
-
-def test_a_trickling_server_meets_one_deadline(monkeypatch, tmp_path):
+@pytest.mark.parametrize("where", ["body", "headers"])
+def test_a_trickling_server_meets_one_deadline(monkeypatch, tmp_path, where):
     """Each byte comes well within the per-read timeout; the whole download still stops at the
     deadline ($T2T_VIT_DOWNLOAD_TIMEOUT) with one line and nothing cached."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("T2T_VIT_DOWNLOAD_TIMEOUT", "1.5")
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    monkeypatch.setattr(Trickle, "where", where)
+    httpd = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Trickle)
+    httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{httpd.server_address[1]}/{RELEASE}"
     try:

@@ -14,10 +14,13 @@ group and others (a shared ``TORCH_HOME``), as the umask allows.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import socket
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -61,24 +64,68 @@ def download_deadline() -> float:
     return value
 
 
+class _Deadline:
+    """Cuts every connection a download opened once its deadline passes, whatever it is waiting
+    for (headers trickled byte by byte included): a timer shuts the sockets down."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.expired, self._connections = seconds, False, []
+        self._timer = threading.Timer(seconds, self._cut)
+        self._timer.daemon = True
+
+    def _track(self, http_class: Callable[..., Any]) -> Callable[..., Any]:
+        def make(*args: Any, **kwargs: Any) -> Any:
+            self._connections.append(http_class(*args, **kwargs))
+            return self._connections[-1]
+        return make
+
+    def _cut(self) -> None:
+        self.expired = True
+        for connection in self._connections:
+            with contextlib.suppress(OSError, AttributeError):
+                connection.sock.shutdown(socket.SHUT_RDWR)
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        track = self._track
+
+        class Http(urllib.request.HTTPHandler):
+            def do_open(self, http_class, req, **kwargs):  # noqa: ANN001 (urllib's signature)
+                return super().do_open(track(http_class), req, **kwargs)
+
+        class Https(urllib.request.HTTPSHandler):
+            def do_open(self, http_class, req, **kwargs):  # noqa: ANN001 (urllib's signature)
+                return super().do_open(track(http_class), req, **kwargs)
+
+        return urllib.request.build_opener(Http, Https)
+
+    def __enter__(self) -> "_Deadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._timer.cancel()
+
+
 def _stream(url: str, tmp: Path, progress: bool) -> int:
-    """Copy ``url`` into ``tmp`` within :func:`download_deadline`; the number of bytes, checked
-    against Content-Length. Each read returns what one socket read gives, so the deadline is
-    checked however slowly the bytes come."""
-    deadline = download_deadline()
-    end = time.monotonic() + deadline
-    received = 0
-    timeout = min(_READ_TIMEOUT, deadline)
-    with urllib.request.urlopen(url, timeout=timeout) as response, tmp.open("wb") as out:  # noqa: S310 (http(s) only)
-        expected = response.headers.get("Content-Length")
-        while chunk := response.read1(_CHUNK):
-            out.write(chunk)
-            received += len(chunk)
-            if time.monotonic() > end:
-                raise T2TViTError(f"could not download {url}: not complete after {deadline:g} s ({received} bytes "
-                                  f"so far); nothing was cached (set {DEADLINE_ENV} to allow longer)")
-            if progress:
-                _log.info("%s: %d bytes", url, received)
+    """Copy ``url`` into ``tmp`` within :func:`download_deadline` (the whole transfer, headers
+    included); the number of bytes, checked against Content-Length."""
+    received, expected = 0, None
+    with _Deadline(download_deadline()) as deadline:
+        try:
+            with deadline.opener().open(url, timeout=min(_READ_TIMEOUT, deadline.seconds)) as response, \
+                    tmp.open("wb") as out:
+                expected = response.headers.get("Content-Length")
+                while not deadline.expired and (chunk := response.read1(_CHUNK)):
+                    out.write(chunk)
+                    received += len(chunk)
+                    if progress:
+                        _log.info("%s: %d bytes", url, received)
+        except (OSError, HTTPException):
+            if not deadline.expired:
+                raise
+        if deadline.expired:
+            raise T2TViTError(f"could not download {url}: not complete after {deadline.seconds:g} s ({received} "
+                              f"bytes so far); nothing was cached (set {DEADLINE_ENV} to allow longer)")
     if expected is not None and expected.isdigit() and received != int(expected):
         raise T2TViTError(f"could not download {url}: the connection closed after {received} of {expected} bytes "
                           "(truncated download); nothing was cached, try again")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 import re
-from pathlib import Path
 from typing import Any, Mapping
 
 from t2t_vit.errors import T2TViTError
