@@ -172,6 +172,8 @@ def test_presets(monkeypatch, tmp_path):
     gpu = _preset(parser.parse_args(["--gpu"]))
     assert "onnx" not in gpu["modes"] and "compile-bf16" in gpu["modes"] and gpu["compile_batches"] is None
     assert set(gpu["compile_models"]) == set(gpu["models"])
+    runtimes = _preset(parser.parse_args(["--quick", "--runtime", "openvino", "onnxruntime"]))
+    assert runtimes["modes"][-5:] == ["openvino", "openvino-bf16", "openvino-int8", "onnx", "onnx-int8"]
 
 
 def test_command_writes_json(monkeypatch, tmp_path, capsys):
