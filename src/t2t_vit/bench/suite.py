@@ -193,7 +193,7 @@ def run_suite(
     for dtype, key in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16")):  # best of start and end
         rates[key] = max(rates[key], matmul_rate(dtype, device))
     for row in rows:
-        if "gflops" in row:
+        if "gflops" in row and "int8" not in row["mode"]:  # no int8 matmul rate is measured: no floor
             rate = rates[RATE_KEYS[row["precision"]]]
             row["of_peak"] = row["gflops"] / rate
             row["floor_s"] = row["flops"] / rate / 1e9
