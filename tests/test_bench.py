@@ -172,6 +172,8 @@ def test_presets(monkeypatch, tmp_path):
     gpu = _preset(parser.parse_args(["--gpu"]))
     assert "onnx" not in gpu["modes"] and "compile-bf16" in gpu["modes"] and gpu["compile_batches"] is None
     assert set(gpu["compile_models"]) == set(gpu["models"])
+    runtimes = _preset(parser.parse_args(["--quick", "--runtime", "openvino", "onnxruntime"]))
+    assert runtimes["modes"][-5:] == ["openvino", "openvino-bf16", "openvino-int8", "onnx", "onnx-int8"]
 
 
 def test_command_writes_json(monkeypatch, tmp_path, capsys):
@@ -230,3 +232,28 @@ def test_quick_prints_one_table_no_unmeasured_target_and_writes_no_file(monkeypa
     assert out.count("| model | task | batch | mode |") == 1 and "bounded by" not in out
     assert "MISSED" not in out and "every case within" not in out
     assert list(tmp_path.iterdir()) == []
+
+
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None and importlib.util.find_spec("nncf") is not None
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not (HAS_ONNX and HAS_OPENVINO), reason="needs the export and openvino extras")
+def test_runtime_cases_run_in_their_own_processes_beside_deit():
+    import sys
+
+    loaded_before = "openvino" in sys.modules
+    logged = []
+    rows = bench_model("t2t_vit_7", ["fp32", "openvino", "openvino-int8", "onnx-int8"], [("infer", 2), ("train", 2)],
+                       repeats=1, device=CPU, img_size=32, others=("deit_small_patch16_224",), log=logged.append)
+    cases = {(r["model"], r["task"], r["mode"]): r for r in rows}
+    for model in ("t2t_vit_7", "deit_small_patch16_224"):
+        for mode in ("openvino", "openvino-int8", "onnx-int8"):
+            row = cases[model, "infer", mode]  # inference only: no train rows for runtimes
+            assert row["images_per_s"] > 0 and row["kernel"].split()[0] in ("openvino", "onnxruntime")
+            assert (model, "train", mode) not in cases
+        assert cases[model, "infer", "openvino"]["max_diff"] < 1e-3  # f32 OpenVINO computes what eager does
+    assert loaded_before or "openvino" not in sys.modules  # never imported into the timing process
+    assert any("in its own process" in line for line in logged)
+    table = format_table(dict(rows=rows, memory=[]))
+    assert "openvino int8+bf16" in table and "onnxruntime int8" in table

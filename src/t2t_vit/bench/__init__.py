@@ -34,6 +34,9 @@ __all__ = [
     "time_alternating", "training_memory",
 ]
 FULL_TASKS = (("infer", 1), ("infer", 8), ("infer", 32), ("train", 8))
+# --runtime NAME adds these modes (each runtime case is timed in its own process)
+RUNTIME_GROUPS = {"torch": (), "openvino": ("openvino", "openvino-bf16", "openvino-int8"),
+                  "onnxruntime": ("onnx", "onnx-int8")}
 QUICK_TASKS = (("infer", 8), ("train", 8))
 QUICK_OTHERS = ("deit_small_patch16_224",)
 
@@ -48,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", choices=MODELS, help=f"T2T-ViT models (default: {' '.join(DEFAULT_MODELS)})")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=None,
                         help=f"default: {' '.join(DEFAULT_MODES)} (--gpu: all but onnx); reference is always added")
+    parser.add_argument("--runtime", nargs="+", choices=list(RUNTIME_GROUPS), default=[],
+                        help="also time the models on these runtimes: openvino (f32, bf16, int8), onnxruntime "
+                        "(fp32, int8); inference on the CPU, each case in its own process")
     parser.add_argument("--others", nargs="*", choices=OTHERS, default=None,
                         help=f"timm models timed beside the first model (default: {' '.join(OTHERS)}, quick: "
                         f"{' '.join(QUICK_OTHERS)}; none: --others alone)")
@@ -83,6 +89,7 @@ def _preset(args: argparse.Namespace) -> dict:
         preset = dict(models=DEFAULT_MODELS, modes=DEFAULT_MODES, tasks=FULL_TASKS, repeats=5, memory=True,
                       profile=True, agreement=120, others=OTHERS)
     modes = ["reference", *(m for m in args.modes or preset["modes"] if m != "reference")]
+    modes += [m for r in getattr(args, "runtime", ()) for m in RUNTIME_GROUPS[r] if m not in modes]
     compile_models = args.compile_models
     if compile_models is None:
         compile_models = (args.models or preset["models"]) if args.gpu else COMPILE_MODELS

@@ -10,7 +10,11 @@ a closure with no arguments. Modes of a T2T-ViT model:
 - ``bf16``: inference with the explicit bf16 model of :func:`t2t_vit.precision.for_inference`;
   a training step runs the defaults under bf16 autocast;
 - ``onnx``: the fp32 defaults exported to ONNX, run by ONNX Runtime on the CPU (inference only);
-- ``compile`` / ``compile-bf16``: the defaults under ``torch.compile`` (opt-in).
+- ``compile`` / ``compile-bf16``: the defaults under ``torch.compile`` (opt-in), with the number
+  of graph breaks ``torch._dynamo.explain`` finds;
+- ``openvino`` / ``openvino-bf16`` / ``openvino-int8`` / ``onnx-int8``: the model on OpenVINO (f32,
+  bf16, NNCF int8) or ONNX Runtime (int8), each timed in a fresh process
+  (:mod:`t2t_vit.bench.runtimes`; inference on the CPU only, also for timm's models).
 
 timm's models (:data:`OTHERS`) run in ``fp32`` and ``bf16-autocast``.
 """
@@ -38,7 +42,8 @@ OTHERS = ("deit_small_patch16_224", "resnet50")  # timm models of T2T-ViT-14's b
 COMPILE_MODELS = ("t2t_vit_7",)
 COMPILE_BATCH = 8
 AGREEMENT_MODEL = "t2t_vit_14"
-MODES = ("reference", "reference-bf16", "fp32", "bf16", "onnx", "compile", "compile-bf16")
+RUNTIME_MODES = ("openvino", "openvino-bf16", "openvino-int8", "onnx-int8")  # see t2t_vit.bench.runtimes
+MODES = ("reference", "reference-bf16", "fp32", "bf16", "onnx", "compile", "compile-bf16", *RUNTIME_MODES)
 DEFAULT_MODES = ("reference", "reference-bf16", "fp32", "bf16", "onnx")
 QUICK_MODES = ("reference", "reference-bf16", "fp32", "bf16")
 OTHER_MODES = ("fp32", "bf16-autocast")
@@ -54,7 +59,7 @@ def precision_of(mode: str) -> str:
 def build_case(name: str, mode: str, base: nn.Module | None = None, **model_kwargs) -> nn.Module:
     """The T2T-ViT ``name`` set up for ``mode`` (one of :data:`MODES` but onnx): a copy of ``base``
     (the same weights for every case, and no second initialisation) or a new model."""
-    if mode not in MODES or mode == "onnx":
+    if mode not in MODES or mode == "onnx" or mode in RUNTIME_MODES:
         raise T2TViTError(f"unknown benchmark mode {mode!r}; choose one of {', '.join(MODES)}")
     model = copy.deepcopy(base) if base is not None else t2t_vit.create_model(name, **model_kwargs)
     if mode.startswith("reference"):
@@ -126,6 +131,12 @@ def kernel_summary(name: str, model: nn.Module, mode: str, task: str = "infer", 
     return ", ".join(f"{k} x{n}" for k, n in counts.items()) or "none"
 
 
+def graph_breaks(model: nn.Module, images: Tensor, precision: str) -> int:
+    """How many graph breaks dynamo finds in ``model``'s forward (``torch._dynamo.explain``)."""
+    with torch.no_grad(), autocast(images.device, precision):
+        return int(torch._dynamo.explain(model)(images).graph_break_count)
+
+
 def _onnx_step(model: nn.Module, images: Tensor, folder: str) -> tuple[Callable[[], None], float]:
     """Export ``model`` to ONNX, open it in ONNX Runtime (this process's thread count); the step and
     the largest |ONNX - eager| logit difference on ``images``."""
@@ -167,6 +178,8 @@ def warm_case(
     step()
     kernel = kernel_summary(name, getattr(step, "model", model), mode, task, img_size, device.type)
     case.update(step=step, kernel=kernel)
+    if mode.startswith("compile"):
+        case["graph_breaks"] = graph_breaks(getattr(model, "_orig_mod", model), images, precision_of(mode))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         case["peak_mb"] = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20

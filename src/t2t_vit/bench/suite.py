@@ -14,9 +14,11 @@ import torch
 import t2t_vit
 from t2t_vit.agreement import digits_agreement
 from t2t_vit.bench.cases import (
-    AGREEMENT_MODEL, COMPILE_BATCH, COMPILE_MODELS, OTHER_MODES, OTHERS, warm_case, build_other, precision_of,
+    AGREEMENT_MODEL, COMPILE_BATCH, COMPILE_MODELS, OTHER_MODES, OTHERS, RUNTIME_MODES, build_other, precision_of,
+    warm_case,
 )
 from t2t_vit.bench.measure import cpu_isa, forward_flops, matmul_rate, profile_bound, time_alternating, training_memory
+from t2t_vit.errors import T2TViTError
 from t2t_vit.runtime import malloc_tuned
 
 RATE_KEYS = {"fp32": "float32", "bf16": "bfloat16"}
@@ -29,10 +31,31 @@ def _group_cases(name: str, modes: Iterable[str], others: Iterable[str], task: s
     for mode in modes:
         if mode.startswith("compile") and compile_batches is not None and batch not in compile_batches:
             continue
-        if mode == "onnx" and (task != "infer" or device.type != "cpu"):
-            continue  # ONNX Runtime runs inference, on the CPU provider
+        if (mode == "onnx" or mode in RUNTIME_MODES) and (task != "infer" or device.type != "cpu"):
+            continue  # ONNX Runtime and OpenVINO run inference, on the CPU
         cases.append((name, mode))
-    return cases + [(other, mode) for other in others for mode in OTHER_MODES]
+    runtimes = [m for _, m in cases if m in RUNTIME_MODES]
+    return cases + [(other, mode) for other in others for mode in (*OTHER_MODES, *runtimes)]
+
+
+def _runtime_cases(cases, task, batch, img_size, repeats, log) -> tuple[dict, dict, list[dict]]:
+    """Time each runtime case in its own process: (key -> case, key -> times, failed rows)."""
+    from t2t_vit.bench.runtimes import runtime_kernel, time_runtime_case
+
+    warmed, times, failed = {}, {}, []
+    for model, mode in cases:
+        key = f"{model} {mode}"
+        try:
+            found = time_runtime_case(model, mode, batch, img_size, repeats)
+        except T2TViTError as err:
+            log(f"  {key}: {err}")
+            failed.append(dict(model=model, task=task, batch=batch, mode=mode, failed=str(err)))
+            continue
+        log(f"  {key}: built in {found['build_s']:.1f} s in its own process, max |Δ| vs eager {found['max_diff']:.2e}")
+        warmed[key] = dict(model=model, mode=mode, kernel=runtime_kernel(mode), peak_mb=None,
+                           max_diff=found["max_diff"])
+        times[key] = found["times"]
+    return warmed, times, failed
 
 
 def _warm_group(cases, task, bases, images, labels, img_size, folder, log) -> tuple[dict, list[dict]]:
@@ -77,9 +100,14 @@ def bench_model(
             images = torch.randn(batch, 3, img_size, img_size, device=device)
             labels = torch.randint(0, 1000, (batch,), device=device)
             cases = _group_cases(name, modes, others, task, batch, compile_batches, device)
-            warmed, failed = _warm_group(cases, task, bases, images, labels, img_size, folder, log)
+            in_process = [c for c in cases if c[1] not in RUNTIME_MODES]
+            warmed, failed = _warm_group(in_process, task, bases, images, labels, img_size, folder, log)
             rows += failed
             times = time_alternating({k: c["step"] for k, c in warmed.items()}, repeats, device, warm_up=False, log=log)
+            elsewhere = _runtime_cases([c for c in cases if c[1] in RUNTIME_MODES], task, batch, img_size, repeats, log)
+            warmed.update(elsewhere[0])
+            times.update(elsewhere[1])
+            rows += elsewhere[2]
             group = _rows(name, task, batch, warmed, times, flops)
             if rates:
                 _profile_rows(group, warmed, rates, log)
@@ -103,8 +131,9 @@ def _rows(name: str, task: str, batch: int, warmed: dict, times: dict, flops: di
                    precision=precision_of(case["mode"]), seconds=t, times=seconds, images_per_s=batch / t,
                    speedup=ref / t if ours else None, speedup_autocast=ref_bf16 / t if ours else None,
                    flops=step_flops, gflops=step_flops / t / 1e9, peak_mb=case["peak_mb"])
-        if "onnx_max_diff" in case:
-            row["onnx_max_diff"] = case["onnx_max_diff"]
+        for field in ("onnx_max_diff", "max_diff", "graph_breaks"):
+            if field in case:
+                row[field] = case[field]
         rows.append(row)
     return rows
 
@@ -113,8 +142,8 @@ def _profile_rows(rows: list[dict], warmed: dict, rates: dict, log: Callable[[st
     """Add ``profile`` (shares of the step per kind of op, and what bounds it) to each row."""
     for row in rows:
         rate = rates[RATE_KEYS[row["precision"]]]
-        if row["mode"] == "onnx":
-            row["profile"] = dict(bound="ONNX Runtime's kernels (outside torch.profiler)")
+        if row["mode"] == "onnx" or row["mode"] in RUNTIME_MODES:
+            row["profile"] = dict(bound=f"{row['kernel'].split()[0]}'s kernels (outside torch.profiler)")
             continue
         row["profile"] = profile_bound(warmed[f"{row['model']} {row['mode']}"]["step"], row["flops"], rate)
         log(f"  profiled {row['model']} {row['mode']}: {row['profile']['bound']}")
@@ -164,7 +193,7 @@ def run_suite(
     for dtype, key in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16")):  # best of start and end
         rates[key] = max(rates[key], matmul_rate(dtype, device))
     for row in rows:
-        if "gflops" in row:
+        if "gflops" in row and "int8" not in row["mode"]:  # no int8 matmul rate is measured: no floor
             rate = rates[RATE_KEYS[row["precision"]]]
             row["of_peak"] = row["gflops"] / rate
             row["floor_s"] = row["flops"] / rate / 1e9
@@ -217,12 +246,16 @@ def format_table(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if profiled else "") + ("---|" if gpu else "")]
     for r in result["rows"]:
         head = f"| {r['model']} | {r['task']} | {r['batch']} | {r['mode']} |"
+        if r.get("failed"):
+            lines.append(head + " | failed ||||||" + ("|" if profiled else "") + ("|" if gpu else ""))
+            continue
         if r.get("out_of_memory"):
             lines.append(head + " | out of memory ||||||" + ("|" if profiled else "") + ("|" if gpu else ""))
             continue
         floor = f"{1000 * r['floor_s']:.1f} | {r['of_floor']:.1f}" if "floor_s" in r else "— | —"
         bound = f" {r.get('profile', {}).get('bound', '')} |" if profiled else ""
-        lines.append(f"{head} {r['kernel']} | {1000 * r['seconds']:.1f} | {r['images_per_s']:.1f} | "
+        kernel = r["kernel"] + (f" ({r['graph_breaks']} graph breaks)" if "graph_breaks" in r else "")
+        lines.append(f"{head} {kernel} | {1000 * r['seconds']:.1f} | {r['images_per_s']:.1f} | "
                      f"{_ratio(r['speedup'])} | {_ratio(r.get('speedup_autocast'))} | {floor} |{bound}"
                      + (f" {r['peak_mb']:.0f} |" if gpu else ""))
     if result["memory"]:

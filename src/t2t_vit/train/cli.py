@@ -187,13 +187,13 @@ def run_eval(args: argparse.Namespace) -> int:
     if device.type == "cpu" and workers:  # intra-op threads and loader workers must not share cores
         torch.set_num_threads(max(1, min(torch.get_num_threads(), available_cores() - workers)))
     loader = DataLoader(bundle.val, batch_size=args.batch_size, num_workers=workers)
-    start = time.perf_counter()
     if args.runtime != "torch" or args.int8:  # the model runs elsewhere; its precision is the runtime's
         from t2t_vit.cli_args import runtime_options
         from t2t_vit.inference import data_config, on_runtime
 
         model, args.precision = on_runtime(model, data_config(model, meta), precision=args.precision,
                                            **runtime_options(args)), "fp32"
+    start = time.perf_counter()
     m = evaluate(model.to(device), loader, device, args.precision)
     name = args.model or meta.get("model")
     print(f"{name} on {args.data} ({m['images']} images): loss {m['loss']:.4f}  top-1 {m['top1']:.2f}%  "
