@@ -3,6 +3,7 @@ and exit code 128 + signal; ``--resume auto`` then ends with the weights of an u
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_and_resume_is_exact(tmp_path):
     assert stopped.returncode != 0
     assert stopped.stderr.count("training stopped by SIGTERM") == 2, stopped.stderr[-2000:]  # each rank
     step = stopped_step(run)
-    assert 3 <= step < 14 and f"after step {step};" in stopped.stderr
+    assert 3 <= step < 14 and stopped.stderr.count(f"after step {step};") == 2  # the same step on both ranks
 
     done = subprocess.run([*launcher, "--output", str(run), "--resume", "auto"], env=env(), capture_output=True,
                           text=True, timeout=600)
@@ -90,6 +91,41 @@ def test_sigterm_to_torchrun_stops_both_ranks_and_resume_is_exact(tmp_path):
     assert_same(weights(whole), weights(run), 0.0)
     m1, m2 = (json.loads((r / "metrics.json").read_text()) for r in (whole, run))
     assert m1["steps"] == m2["steps"] == 14 and m1["epochs"] == m2["epochs"] == 1
+
+
+def rank_pid(launcher_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker process of ``rank`` (read from /proc: its parent and RANK)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        if parent == launcher_pid and f"RANK={rank}".encode() in environ:
+            return int(entry)
+    raise AssertionError(f"no worker of rank {rank} under pid {launcher_pid}")
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the worker through /proc")
+def test_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    args = [*TINY, "--epochs", "1", "--max-steps", "20", "--batch-size", "16", "--log-every", "1",
+            "--output", str(tmp_path / "run")]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "t2t_vit", "train", *args]
+    proc = subprocess.Popen(launcher, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # rank 0 prints the steps; rank 1 alone gets the signal
+        if line.startswith("step 3 "):
+            os.kill(rank_pid(proc.pid, 1), signal.SIGUSR1)
+            break
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    step = stopped_step(tmp_path / "run")
+    assert 3 <= step < 20 and err.count(f"training stopped by SIGUSR1 after step {step};") == 2, err[-2000:]
 
 
 def test_accumulation_with_a_partial_window_finishes_every_epoch(tmp_path):
@@ -101,6 +137,23 @@ def test_accumulation_with_a_partial_window_finishes_every_epoch(tmp_path):
     subprocess.run(cmd, env=env(), check=True, capture_output=True, timeout=300)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["epochs"] == 2
+
+
+def test_a_signal_during_the_ranks_agreement_is_not_lost(monkeypatch):
+    # The handler runs at the first bytecode after a blocking collective returns, i.e. inside the
+    # agreement, after the local flag was read: it must not be overwritten by the reduced value.
+    from t2t_vit.train import preempt
+    from t2t_vit.train.distributed import World
+
+    def reduce_while_signalled(value, world):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return value
+
+    monkeypatch.setattr(preempt, "all_reduce_max", reduce_while_signalled)
+    with preempt.StopRequest([signal.SIGUSR1], announce=False) as stop:
+        assert not stop.agreed(World(rank=0, size=2))  # this step's flag was read before the signal
+        assert stop.agreed(World(rank=0, size=2)) and stop.signum == signal.SIGUSR1  # the next step stops
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
 
 
 def test_preempt_signals_are_parsed_and_checked():

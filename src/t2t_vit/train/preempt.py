@@ -61,7 +61,8 @@ class StopRequest:
     def __init__(self, signals: Iterable[signal.Signals], announce: bool = True) -> None:
         self.signals = tuple(dict.fromkeys([*signals, signal.SIGINT]))
         self.announce = announce  # print a line when a signal arrives (rank 0 only)
-        self.signum = 0  # the first signal received, 0 while none
+        self.received = 0  # the first signal this process got, 0 while none; written by the handler only
+        self.signum = 0  # the signal every rank agreed to stop for
         self._agreed = False
         self._previous: dict[signal.Signals, object] = {}
         self._pid = os.getpid()
@@ -80,10 +81,10 @@ class StopRequest:
     def _handle(self, signum: int, frame) -> None:
         if os.getpid() != self._pid:
             return  # a forked loader worker inherited this handler: the main process decides
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: quit now, without saving
-        if not self.signum:
-            self.signum = signum
+        if not self.received:
+            self.received = signum
             if self.announce:
                 extra = " (Ctrl-C again to quit without saving)" if signum == signal.SIGINT else ""
                 # os.write: print() from a handler can collide with a print the loop is doing
@@ -94,7 +95,9 @@ class StopRequest:
         """True (on every rank) once any rank got a signal. Under DDP a collective: every rank must
         call it at the same points of the loop."""
         if not self._agreed:
-            self.signum = int(all_reduce_max(float(self.signum), world))
+            # the handler may run while the collective waits (at the next bytecode): it writes
+            # ``received``, never ``signum``, so a signal landing then is seen at the next step
+            self.signum = int(all_reduce_max(float(self.received), world))
             self._agreed = self.signum > 0
         return self._agreed
 
