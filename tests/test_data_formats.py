@@ -14,8 +14,10 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-# Parquet loading caches arrow files; keep them out of the user's cache (read when datasets is imported).
+# Parquet loading caches arrow files, wds/ its shard index; keep them out of the user's caches
+# (HF_DATASETS_CACHE is read when datasets is imported).
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="t2t-hf-cache-"))
+os.environ.setdefault("T2T_VIT_CACHE", tempfile.mkdtemp(prefix="t2t-cache-"))
 
 from t2t_vit.data import create_datasets  # noqa: E402
 from t2t_vit.errors import T2TViTError  # noqa: E402
@@ -114,6 +116,27 @@ def test_two_gloo_ranks_get_disjoint_shares_of_every_epoch(formats, tmp_path):
             assert not shares[0] & shares[1], (spec, key)  # disjoint
             assert len(shares[0] | shares[1]) == total, (spec, key)  # all but the trimmed remainder
         assert ranks[0]["train0"] != ranks[0]["train1"]  # reshuffled every epoch
+
+
+def test_shard_index_is_cached_and_refreshed_when_a_shard_changes(formats, tmp_path, monkeypatch):
+    import tarfile
+
+    monkeypatch.setenv("T2T_VIT_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "wds"
+    root.mkdir()
+    for f in Path(formats["wds"][len("wds/"):]).iterdir():
+        (root / f.name).write_bytes(f.read_bytes())
+    first = create_datasets(f"wds/{root}", 32, None)
+    assert len(list((tmp_path / "cache" / "wds-index").iterdir())) == 2  # train and val
+    opened = []
+    real_open = tarfile.open
+    monkeypatch.setattr(tarfile, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    again = create_datasets(f"wds/{root}", 32, None)
+    assert opened == [] and again.train.samples == first.train.samples  # read from the cache
+    shard = root / "train-000001.tar"
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # the shard "changed"
+    create_datasets(f"wds/{root}", 32, None)
+    assert str(shard) in opened  # scanned again
 
 
 def test_format_errors_are_one_line(formats, tmp_path, monkeypatch):

@@ -134,7 +134,7 @@ class ShardImages(ImageFolderDataset):
 
 def _wds_sets(where: str, train_tf, eval_tf):
     shards, counts, folder = _wds_splits(os.path.expanduser(where))
-    samples = {name: index_shards(files, f"wds/{where}") for name, files in shards.items()}
+    samples = {name: cached_index(files, f"wds/{where}") for name, files in shards.items()}
     for name, expected in counts.items():
         if expected is not None and expected != len(samples[name]):
             raise T2TViTError(f"wds/{where}: the {name} split should have {expected} samples (_info.json or "
@@ -207,6 +207,35 @@ def expand_pattern(pattern: str) -> list[str]:
     if any(c in pattern for c in "*?["):
         return sorted(glob.glob(pattern))
     return [pattern] if os.path.isfile(pattern) else []
+
+
+def cached_index(files: list[str], spec: str) -> list[tuple[tuple[str, int, int], int]]:
+    """:func:`index_shards`, kept in ``$T2T_VIT_CACHE`` (default ``~/.cache/t2t-vit``) under a key of
+    the shards' paths, sizes and modification times: scanning ImageNet's 1.28M samples takes a
+    minute or two per process, and a preempted run restarts often."""
+    import hashlib
+
+    from t2t_vit.storage import atomic_write
+
+    try:
+        stats = [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    except OSError:
+        return index_shards(files, spec)  # a missing shard: index_shards names it
+    key = hashlib.sha1(json.dumps(stats).encode()).hexdigest()
+    folder = os.path.join(os.environ.get("T2T_VIT_CACHE", os.path.expanduser("~/.cache/t2t-vit")), "wds-index")
+    path = os.path.join(folder, f"{key}.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [((shard, int(offset), int(size)), int(label)) for (shard, offset, size), label in json.load(f)]
+    except (OSError, ValueError, TypeError):
+        pass  # not cached yet (or unreadable): scan
+    rows = index_shards(files, spec)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        atomic_write(path, json.dumps(rows).encode())
+    except (OSError, T2TViTError):
+        pass  # an unwritable cache only means the next start scans again
+    return rows
 
 
 def index_shards(files: list[str], spec: str) -> list[tuple[tuple[str, int, int], int]]:
