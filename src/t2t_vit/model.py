@@ -59,6 +59,8 @@ class T2TViT(nn.Module):
         dynamic_img_size: accept other input sizes by resampling the position table on the fly.
         t2t_kernel_ratio / t2t_drop_rate: the Performer T2T layer's random features per token
             width and its dropout (the authors' 0.5 and 0.1); small-data studies vary them.
+        t2t_pixel_norm: how the first T2T layer normalises its raw-pixel patches: "layernorm"
+            (the paper's), "rmsnorm" (keeps each patch's mean) or "none" (docs/experiments.md).
         token_label_head: add Token Labeling's auxiliary head ``aux_head`` (a Linear over the patch
             tokens, the key names of Token Labeling's LV-ViT models) for checkpoints trained with
             it, e.g. the authors' T2T-ViT-24 "tl" release. Inference then follows LV-ViT's published
@@ -92,6 +94,7 @@ class T2TViT(nn.Module):
         dynamic_img_size: bool = False,
         t2t_kernel_ratio: float = 0.5,
         t2t_drop_rate: float = 0.1,
+        t2t_pixel_norm: str = "layernorm",
         token_label_head: bool = False,
     ) -> None:
         super().__init__()
@@ -108,7 +111,7 @@ class T2TViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.tokens_to_token = build_tokenizer(
             tokenizer, in_chans, embed_dim, token_dim, stem, patch_size,
-            kernel_ratio=t2t_kernel_ratio, drop_rate=t2t_drop_rate,
+            kernel_ratio=t2t_kernel_ratio, drop_rate=t2t_drop_rate, pixel_norm=t2t_pixel_norm,
         )
         self.grid_size = self.tokens_to_token.grid(self.img_size)
         num_tokens = self.grid_size[0] * self.grid_size[1]

@@ -113,15 +113,34 @@ class SoftSplit(nn.Module):
         return f"kernel={self.kernel}, stride={self.stride}, padding={self.padding}"
 
 
+PIXEL_NORMS = ("layernorm", "rmsnorm", "none")
+
+
+def pixel_norm(kind: str, dim: int) -> nn.Module:
+    """``norm1`` of the first T2T layer, which sees raw-pixel soft-split patches (issue 24).
+
+    "layernorm" is the paper's: it removes each patch's mean and scale, so a flat patch becomes
+    zeros whatever its brightness. "rmsnorm" keeps the mean (divides by the root mean square
+    only); "none" passes the pixels as the data transform left them.
+    """
+    if kind == "layernorm":
+        return nn.LayerNorm(dim)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-5)
+    if kind == "none":
+        return nn.Identity()
+    raise T2TViTError(f"unknown pixel norm {kind!r}; choose one of {', '.join(PIXEL_NORMS)}")
+
+
 class TokenTransformer(nn.Module):
     """T2T layer with softmax attention: one head, width dim → out_dim, value residual.
 
     The softmax scale is dim^-0.5 (the input width, 147 or 576), as in the released checkpoints.
     """
 
-    def __init__(self, dim: int, out_dim: int, mlp_ratio: float = 1.0) -> None:
+    def __init__(self, dim: int, out_dim: int, mlp_ratio: float = 1.0, norm1: str = "layernorm") -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = pixel_norm(norm1, dim)
         self.attn = Attention(dim, num_heads=1, out_dim=out_dim, scale=dim**-0.5, value_residual=True)
         self.norm2 = nn.LayerNorm(out_dim)
         self.mlp = Mlp(out_dim, int(out_dim * mlp_ratio), out_dim)
@@ -203,14 +222,15 @@ class TokenPerformer(nn.Module):
     paper's einsums ("einsum"); both compute the same function in float32.
     """
 
-    def __init__(self, dim: int, out_dim: int, kernel_ratio: float = 0.5, drop: float = 0.1) -> None:
+    def __init__(self, dim: int, out_dim: int, kernel_ratio: float = 0.5, drop: float = 0.1,
+                 norm1: str = "layernorm") -> None:
         super().__init__()
         self.out_dim = out_dim
         self.num_features = int(out_dim * kernel_ratio)
         self.kqv = nn.Linear(dim, 3 * out_dim)
         self.dp = nn.Dropout(drop)
         self.proj = nn.Linear(out_dim, out_dim)
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = pixel_norm(norm1, dim)
         self.norm2 = nn.LayerNorm(out_dim)
         self.mlp = nn.Sequential(
             nn.Linear(out_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim), nn.Dropout(drop)
@@ -280,6 +300,7 @@ class T2TModule(nn.Module):
         stem: str | Sequence[SoftSplitSpec] = "imagenet",
         kernel_ratio: float = 0.5,
         drop_rate: float = 0.1,
+        pixel_norm: str = "layernorm",
     ) -> None:
         super().__init__()
         if layer not in T2T_LAYERS:
@@ -290,8 +311,9 @@ class T2TModule(nn.Module):
             self.add_module(f"soft_split{index}", SoftSplit(kernel, stride, padding))
             width = width * kernel * kernel
             if index < len(self.specs) - 1:
-                performer = dict(kernel_ratio=kernel_ratio, drop=drop_rate) if layer == "performer" else {}
-                self.add_module(f"attention{index + 1}", T2T_LAYERS[layer](width, token_dim, **performer))
+                options = dict(kernel_ratio=kernel_ratio, drop=drop_rate) if layer == "performer" else {}
+                norm1 = pixel_norm if index == 0 else "layernorm"  # only the first layer sees raw pixels
+                self.add_module(f"attention{index + 1}", T2T_LAYERS[layer](width, token_dim, norm1=norm1, **options))
                 width = token_dim
         self.project = nn.Linear(width, embed_dim)
 
@@ -382,15 +404,17 @@ def build_tokenizer(
     patch_size: int = 16,
     kernel_ratio: float = 0.5,
     drop_rate: float = 0.1,
+    pixel_norm: str = "layernorm",
 ) -> nn.Module:
     """``kind``: "performer" or "transformer" (the T2T module), "conv" (T2T-ViTc) or "patch" (ViT).
 
     ``kernel_ratio`` (random features per token width) and ``drop_rate`` configure the Performer
-    T2T layer only; the authors use 0.5 and 0.1.
+    T2T layer only; the authors use 0.5 and 0.1. ``pixel_norm`` is how the first T2T layer
+    normalises raw-pixel patches (:func:`pixel_norm`; the paper's "layernorm").
     """
     if kind in T2T_LAYERS:
         return T2TModule(in_chans, embed_dim, token_dim, layer=kind, stem=stem,
-                         kernel_ratio=kernel_ratio, drop_rate=drop_rate)
+                         kernel_ratio=kernel_ratio, drop_rate=drop_rate, pixel_norm=pixel_norm)
     if kind == "conv":
         return ConvTokenizer(in_chans, embed_dim, token_dim, stem=stem)
     if kind == "patch":

@@ -6,6 +6,7 @@ from typing import Any
 
 from t2t_vit.errors import T2TViTError
 from t2t_vit.profile import count_macs
+from t2t_vit.t2t import PIXEL_NORMS
 
 IMG_SIZE = 32
 
@@ -104,6 +105,7 @@ def ablation_arms(preset: Preset) -> list[Arm]:
 OPTIONS: dict[str, tuple[str, str, type]] = {
     "kernel_ratio": ("model", "t2t_kernel_ratio", float),  # Performer random features per token width
     "t2t_drop": ("model", "t2t_drop_rate", float),  # dropout inside the Performer T2T layers
+    "t2t_norm1": ("model", "t2t_pixel_norm", str),  # the first T2T layer's norm over raw pixels
     "t2t_lr": ("t2t", "t2t_lr_scale", float),  # lr multiplier of the T2T module's parameters
     "t2t_warmup": ("t2t", "t2t_warmup_epochs", float),  # extra linear warm-up (epochs) of its lr
     "epochs": ("train", "epochs", int),
@@ -111,6 +113,17 @@ OPTIONS: dict[str, tuple[str, str, type]] = {
     "warmup": ("train", "warmup_epochs", float),
     "drop_path": ("train", "drop_path", float),
 }
+
+
+def _number(key: str, text: str, kind_type: type) -> float | int:
+    try:
+        value = kind_type(text)
+    except ValueError as err:
+        raise T2TViTError(f"arm option {key} needs a {kind_type.__name__}, got {text!r}") from err
+    if not value >= 0 or (kind_type is int and value == 0) or value == float("inf"):
+        raise T2TViTError(f"arm option {key} must be a finite {'positive' if kind_type is int else 'non-negative'} "
+                          f"number, got {text!r}")
+    return value
 
 
 def arm_variant(base: Arm, options: dict[str, str]) -> Arm:
@@ -121,13 +134,12 @@ def arm_variant(base: Arm, options: dict[str, str]) -> Arm:
             raise T2TViTError(f"unknown arm option {key!r} in {base.name}:{key}={text}; "
                               f"choose from {', '.join(OPTIONS)}")
         kind, target, kind_type = OPTIONS[key]
-        try:
-            value = kind_type(text)
-        except ValueError as err:
-            raise T2TViTError(f"arm option {key} needs a {kind_type.__name__}, got {text!r}") from err
-        if not value >= 0 or (kind_type is int and value == 0) or value == float("inf"):
-            raise T2TViTError(f"arm option {key} must be a finite {'positive' if kind_type is int else 'non-negative'} "
-                              f"number, got {text!r}")
+        if kind_type is str:
+            if text not in PIXEL_NORMS:
+                raise T2TViTError(f"arm option {key} must be one of {', '.join(PIXEL_NORMS)}, got {text!r}")
+            value = text
+        else:
+            value = _number(key, text, kind_type)
         if kind != "train" and not base.has_t2t_module:
             raise T2TViTError(f"arm option {key} needs an arm with a T2T module (t2t, t2tt, shallow_wide), "
                               f"not {base.name}")
