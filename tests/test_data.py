@@ -249,3 +249,19 @@ def test_capped_workers_do_not_make_torch_warn(digits):
         loader.check_worker_number_rationality()  # torch's own check, which warns above the CPU count
     with pytest.warns(UserWarning):
         torch.utils.data.DataLoader(digits.train, num_workers=workers + 1).check_worker_number_rationality()
+
+
+def test_a_recipes_random_erasing_is_the_papers_pixel_mode():
+    """The trainer passes ``re_prob`` alone; timm's default mode is "const" (zeros), while the
+    paper's recipe (DeiT's) erases with per-pixel noise. Found on the ImageNet recipes."""
+    from timm.data.random_erasing import RandomErasing
+
+    from t2t_vit.train import TrainConfig
+    from t2t_vit.train.recipe import augment_options
+    from t2t_vit.data.transforms import build_transforms
+
+    cfg = TrainConfig(re_prob=0.25, augment=True)
+    train_tf, *_ = build_transforms("imagefolder", 32, augment_options(cfg), None, "bicubic",
+                                    (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    erasers = [t for t in getattr(train_tf, "transforms", []) if isinstance(t, RandomErasing)]
+    assert len(erasers) == 1 and erasers[0].mode == "pixel" and erasers[0].probability == 0.25

@@ -63,6 +63,8 @@ def resolve_augment(kind: str, augment: dict[str, Any] | None) -> dict[str, Any]
     if unknown:
         raise T2TViTError(f"unknown augment option(s) {', '.join(unknown)}; valid: {', '.join(AUGMENT_KEYS)}.")
     opts = dict(DATASET_AUGMENT.get(kind, {}), **augment)
+    # timm's own default is "const" (erase to zeros); the paper's recipe (DeiT's) fills with noise
+    opts.setdefault("re_mode", IMAGENET_AUGMENT["re_mode"])
     for key in ("scale", "ratio"):  # YAML gives lists, timm wants tuples
         if opts.get(key) is not None:
             opts[key] = tuple(float(v) for v in opts[key])
