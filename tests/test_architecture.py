@@ -22,8 +22,6 @@ LOADING = {"reading", "metadata", "adapting", "checkpoint", "hub", "pretrained",
            "modelguard", "interop"}
 COMMANDS = {"cli", "cli_args", "__main__", "predict", "export", "visualize", "train.cli"}
 LAYER_NAMES = ["base", "core", "loading", "library", "commands"]
-# Upward imports still to remove; each entry must still exist (the last test), so the list only shrinks.
-KNOWN_VIOLATIONS: set[tuple[str, str]] = set()
 
 
 def layer_of(module: str) -> int:
@@ -108,13 +106,7 @@ def test_the_checker_sees_every_import_form():
 def test_no_module_imports_a_higher_layer(file):
     exports = package_exports()
     here = module_name(file)
-    upward = sorted(m for m in imported_modules(file, exports)
-                    if layer_of(m) > layer_of(here) and (here, m) not in KNOWN_VIOLATIONS)
+    upward = sorted(m for m in imported_modules(file, exports) if layer_of(m) > layer_of(here))
     assert upward == [], (f"{here} ({LAYER_NAMES[layer_of(here)]}) imports higher layers: "
                           + ", ".join(f"{m} ({LAYER_NAMES[layer_of(m)]})" for m in upward))
 
-
-@pytest.mark.parametrize("here,imported", sorted(KNOWN_VIOLATIONS))
-def test_known_violations_are_still_real(here, imported):
-    file = SRC / Path(*here.split(".")).with_suffix(".py")
-    assert imported in imported_modules(file, package_exports()), f"{here} no longer imports {imported}: drop it"
