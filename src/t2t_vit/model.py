@@ -102,11 +102,8 @@ class T2TViT(nn.Module):
             raise T2TViTError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
         self.img_size = to_2tuple_size(img_size)
         check_stem(stem, tokenizer)
-        self.in_chans, self.num_classes = in_chans, num_classes
-        self.global_pool = global_pool
-        self.dynamic_img_size = dynamic_img_size
-        self.num_prefix_tokens = 1
-        self.grad_checkpointing = False
+        self.in_chans, self.num_classes, self.global_pool = in_chans, num_classes, global_pool
+        self.dynamic_img_size, self.num_prefix_tokens, self.grad_checkpointing = dynamic_img_size, 1, False
         self.embed_dim = embed_dim
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.tokens_to_token = build_tokenizer(
@@ -128,12 +125,15 @@ class T2TViT(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.token_label_head = token_label_head
         self.aux_head = self._aux_head(num_classes)
+        self._build_feature_pyramid(token_dim)
+        trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    def _build_feature_pyramid(self, token_dim: int) -> None:
         # a parameter-free level at twice the backbone's stride, the top of the feature pyramid
         self.pyramid_pool = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)
         self.feature_info = self._stem_feature_info(token_dim) + self._block_feature_info() + [
             dict(module="pyramid_pool", num_chs=self.num_features, reduction=2 * self.reduction)]
-        trunc_normal_(self.cls_token, std=0.02)
-        self.apply(_init_weights)
 
     @property
     def num_stem_levels(self) -> int:

@@ -97,17 +97,9 @@ def create_datasets(
     from t2t_vit.data.readers import create_reader_sets, is_reader_spec
 
     if is_reader_spec(data):  # Hugging Face datasets / WebDataset shards: treated as an ImageFolder
-        mean, std = _stats(mean, std, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-        train_tf, eval_tf, opts, crop = build_transforms("imagefolder", img_size, augment, crop_pct, interpolation,
-                                                         mean, std)
-        train, val, names = create_reader_sets(data, train_tf, eval_tf)
-        return DataBundle(train, val, names, mean, std, str(data).split("/")[0], [], train_tf, eval_tf, opts, crop)
-    root = Path(data).expanduser()
-    if not root.exists():
-        raise T2TViTError(f"data path {root} does not exist "
-                          "(expected 'digits', an ImageFolder root or a CIFAR folder).")
-    if not root.is_dir():
-        raise T2TViTError(f"data path {root} is not a folder.")
+        return _imagefolder_like(str(data).split("/")[0], lambda t, e: (*create_reader_sets(data, t, e), []),
+                                 mean, std, **common)
+    root = _existing_folder(data)
     cifar = find_cifar_root(root)
     if cifar is not None:
         kind, folder = cifar
@@ -119,11 +111,29 @@ def create_datasets(
         return _array_bundle(kind, tx, ty, vx, vy, names, mean, std, **common)
     from t2t_vit.data.folder import create_imagefolder
 
+    return _imagefolder_like("imagefolder", lambda t, e: create_imagefolder(root, t, e, verify), mean, std, **common)
+
+
+def _existing_folder(data: str) -> Path:
+    root = Path(data).expanduser()
+    if not root.exists():
+        raise T2TViTError(f"data path {root} does not exist "
+                          "(expected 'digits', an ImageFolder root or a CIFAR folder).")
+    if not root.is_dir():
+        raise T2TViTError(f"data path {root} is not a folder.")
+    return root
+
+
+def _imagefolder_like(kind: str, make_sets: Callable, mean, std, img_size, augment, crop_pct,
+                      interpolation) -> DataBundle:
+    """An ImageFolder tree, Hugging Face data set or WebDataset shards: ImageNet statistics unless
+    given and the ImageFolder transforms; ``make_sets(train_tf, eval_tf)`` gives
+    ``(train, val, class names, skipped files)``."""
     mean, std = _stats(mean, std, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     train_tf, eval_tf, opts, crop = build_transforms("imagefolder", img_size, augment, crop_pct, interpolation,
                                                      mean, std)
-    train, val, names, skipped = create_imagefolder(root, train_tf, eval_tf, verify)
-    return DataBundle(train, val, names, mean, std, "imagefolder", skipped, train_tf, eval_tf, opts, crop)
+    train, val, names, skipped = make_sets(train_tf, eval_tf)
+    return DataBundle(train, val, names, mean, std, kind, skipped, train_tf, eval_tf, opts, crop)
 
 
 def _photos_bundle(mean, std, **common) -> DataBundle:
