@@ -142,12 +142,12 @@ def with_precision(model: nn.Module, precision: str) -> tuple[nn.Module, Callabl
 
 def image_files(folder: str | Path) -> list[Path]:
     """The image files under ``folder`` (recursively, hidden ones skipped), sorted."""
-    from t2t_vit.data.folder import _is_image
+    from t2t_vit.data.folder import images_under
 
     root = Path(folder)
     if not root.is_dir():
         raise T2TViTError(f"calibration folder {str(folder)!r} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p.name))
+    files = sorted(map(Path, images_under(root)))
     if not files:
         raise T2TViTError(f"calibration folder {str(folder)!r} holds no images")
     return files

@@ -37,16 +37,14 @@ def image_files(paths: list[str]) -> list[str]:
     extensions training reads, hidden entries and linked folders skipped)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
+    from t2t_vit.data.folder import images_under
+
     files: list[str] = []
     for path in paths:
         if not os.path.isdir(path):
             files.append(path)
             continue
-        found = []
-        for folder, subdirs, names in os.walk(path):  # links to folders are not followed: no loops
-            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-            found += [os.path.join(folder, n) for n in sorted(names)
-                      if not n.startswith(".") and n.lower().endswith(IMG_EXTENSIONS)]
+        found = images_under(path)
         if not found:
             raise T2TViTError(f"no image files in {path} (looked for {', '.join(IMG_EXTENSIONS)})")
         files += found

@@ -175,6 +175,16 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
 
 
+def images_under(root: str | os.PathLike) -> list[str]:
+    """The image files under the folder ``root`` (the extensions training reads), folder by folder
+    in sorted order; hidden entries skipped, links to folders not followed (no loops)."""
+    found: list[str] = []
+    for folder, subdirs, names in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        found += [os.path.join(folder, n) for n in sorted(names) if _is_image(n)]
+    return found
+
+
 def _list_split(split_dir: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, str]]]:
     """Class names, candidate ``(path, label)`` files and skipped folders/files of one split."""
     try:
