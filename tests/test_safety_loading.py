@@ -495,3 +495,17 @@ def test_save_pretrained_onto_an_existing_file_is_one_line(tmp_path):
     with pytest.raises(T2TViTError) as err:
         save_pretrained(small(), target / "inside")
     one_line(err, "could not create")
+
+
+def test_a_bombed_training_state_is_refused_before_torch_load(tmp_path, monkeypatch):
+    """``--resume`` reads ``<stem>.state.pt`` with torch.load too: the same zip bound applies."""
+    from safetensors.torch import save_file as safetensors_save
+
+    from t2t_vit.train import state as train_state
+
+    stem = str(tmp_path / "checkpoint-last")
+    safetensors_save({"w": torch.zeros(1)}, stem + ".safetensors", metadata={"step": "3"})
+    deflate_bomb(Path(stem + ".state.pt"), 256 << 20)
+    monkeypatch.setattr(train_state.torch, "load", lambda *a, **k: pytest.fail("torch.load reached"))
+    with pytest.raises(T2TViTError, match="refusing to read"):
+        train_state.load_resume(stem)

@@ -29,6 +29,7 @@ from torch import nn
 from t2t_vit.checkpoint import FORMAT, read_metadata, split_ema
 from t2t_vit.errors import T2TViTError
 from t2t_vit.interop import save_timm_checkpoint, timm_path
+from t2t_vit.reading import check_zip_bounds
 from t2t_vit.storage import atomic_write, save_weights
 
 def rng_state() -> dict[str, Any]:
@@ -96,6 +97,7 @@ def load_resume(stem: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Ten
     for state_path in (f"{stem}.state.pt", f"{stem}.state.prev.pt"):
         if not os.path.isfile(state_path):
             continue
+        check_zip_bounds(state_path)  # the bound every other torch file gets before it is inflated
         try:
             state = torch.load(state_path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - torch.load raises many types for a bad or unsafe file
