@@ -14,7 +14,8 @@ from timm.models._manipulate import checkpoint_seq
 from t2t_vit.blocks import DenseBlock, Transition, build_blocks
 from t2t_vit.errors import T2TViTError
 from t2t_vit.layers import sinusoid_table
-from t2t_vit.t2t import SoftSplitSpec, T2TModule, build_tokenizer, token_grid
+from t2t_vit.t2t import SoftSplitSpec, T2TModule, token_grid
+from t2t_vit.tokenizers import build_tokenizer
 
 
 def _positive_int(value: object) -> bool:
