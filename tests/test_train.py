@@ -283,3 +283,38 @@ def test_existing_run_is_not_overwritten(tmp_path):
     with pytest.raises(T2TViTError, match="already holds a run"):
         train(TrainConfig(**dict(TINY, output=str(out), max_steps=1)))
     assert (out / "checkpoint-last.safetensors").read_bytes() == before
+
+
+class _Draws(torch.utils.data.Dataset):
+    """Each item is one draw from each RNG an augmentation uses (torch, random, numpy)."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, index):
+        import random
+
+        import numpy as np
+        return torch.rand(1).item(), random.random(), float(np.random.rand())
+
+
+def test_seeded_samples_are_the_streams_of_their_seed_and_leave_the_caller_alone():
+    import random
+
+    import numpy as np
+
+    from t2t_vit.train.sampling import SeededDataset
+
+    seeded = SeededDataset(_Draws(), seed=3, seeded=True)
+    torch.manual_seed(11)
+    before = torch.rand(1).item()
+    torch.manual_seed(11)
+    got = [seeded[(2, i)] for i in (7, 1, 7)]
+    assert torch.rand(1).item() == before  # the caller's stream is where it was
+    assert got[0] == got[2] and got[0] != got[1]
+    # the independent reference: the three global seeds set by hand for (seed 3, epoch 2, index 7)
+    sample_seed = (3 * 1_000_003 + 2) * 10_000_019 + 7
+    torch.manual_seed(sample_seed)
+    random.seed(sample_seed)
+    np.random.seed(sample_seed % 2**32)
+    assert got[0] == (torch.rand(1).item(), random.random(), float(np.random.rand()))
