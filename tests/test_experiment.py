@@ -278,3 +278,18 @@ def test_small_data_preset_is_the_digits_preset_with_a_slower_t2t_module():
     measured = budget_of(arm_config(variant, 0, digits_shared, digits_t2t), variant)
     preset_arm = by_name["t2t"]
     assert budget_of(arm_config(preset_arm, 0, small_shared, small_t2t), preset_arm) == measured
+
+
+def test_long_preset_is_the_small_data_model_with_the_literatures_schedule():
+    """The long schedule changes the training, not the arms: same widths, same T2T-module lr; 50 epochs
+    with RandAugment, mixup/cutmix and drop path as the small-data literature trains."""
+    from t2t_vit.experiment.runner import preset_recipe
+
+    short, long = PRESETS["small_data"], PRESETS["small_data_long"]
+    assert ablation_arms(short) == ablation_arms(long)
+    short_shared, short_t2t = preset_recipe(short)
+    long_shared, long_t2t = preset_recipe(long)
+    assert long_t2t == short_t2t == {"t2t_lr_scale": 0.1}
+    assert long_shared["epochs"] == long.epochs == 50 and short_shared["epochs"] == 10
+    assert long_shared["auto_augment"].startswith("rand-m9") and short_shared["auto_augment"] is None
+    assert (long_shared["mixup"], long_shared["cutmix"], long_shared["drop_path"]) == (0.8, 1.0, 0.1)

@@ -66,6 +66,9 @@ PRESETS: dict[str, Preset] = {
     # The same arms with the small-data recipe: the T2T module's lr at 0.1× (docs/experiments.md).
     "small_data": Preset(64, 7, 32, 10, 32, 1e-3, (16, 32, 64, 128), "digits-preset arms, T2T module at 0.1× lr",
                          config="small_data"),
+    # The small-data recipe over a long schedule with strong augmentation (configs/small_data_long.yaml).
+    "small_data_long": Preset(64, 7, 32, 50, 32, 1e-3, (16, 32, 64, 128),
+                              "digits-preset arms, 50 epochs, RandAugment, mixup/cutmix", config="small_data_long"),
     # T2T-ViT-7 widths (≈1M-params arms at 32 px): for CIFAR-sized folders on a GPU.
     "cifar": Preset(256, 7, 64, 100, 128, 1e-3, (32, 64, 128, 256), "T2T-ViT-7-wide arms for CIFAR-sized data on a GPU"),
 }
