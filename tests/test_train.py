@@ -90,6 +90,34 @@ def test_param_groups_decay_and_transfer_lr(tmp_path):
     assert head["lr"] == pytest.approx(100 * body["lr"])
 
 
+def test_adamw_is_the_fused_kernel_and_steps_as_the_per_tensor_loop(tmp_path):
+    """The fused update is a faster kernel, not another optimizer: its steps equal torch's per-tensor
+    AdamW (the independent reference) over the same groups, decay and learning rates."""
+    import copy
+
+    cfg = tiny(tmp_path, weight_decay=0.05, lr=1e-2, opt="adamw")
+    model = recipe.build_model(cfg, 10)
+    reference = copy.deepcopy(model)
+    opt = recipe.build_optimizer(model, cfg)
+    assert opt.defaults.get("fused") is True
+    groups = [dict(params=[dict(reference.named_parameters())[n] for n in names], weight_decay=g["weight_decay"])
+              for g, names in ((g, [n for n, p in model.named_parameters() if any(p is q for q in g["params"])])
+                               for g in opt.param_groups)]
+    loop = torch.optim.AdamW(groups, lr=1e-2, foreach=False, fused=False)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for net in (model, reference):
+            net.zero_grad()
+        grads = {n: torch.randn(p.shape, generator=generator) for n, p in model.named_parameters()}
+        for net in (model, reference):
+            for n, p in net.named_parameters():
+                p.grad = grads[n].clone()
+        opt.step()
+        loop.step()
+    for (name, fused), plain in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_body_lr_scale_is_applied_once(tmp_path):
     # timm's schedulers multiply each group's lr by its lr_scale; scaling the starting lr as well
     # ran the transfer recipe's body at lr × 0.01² instead of lr × 0.01.

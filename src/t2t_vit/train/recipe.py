@@ -78,11 +78,18 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     ]
 
 
+FUSED_OPTIMIZERS = ("adam", "adamw")  # timm names of torch optimizers with a fused CPU and CUDA kernel
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
     for group in groups:  # the scheduler multiplies by lr_scale itself, on its first update
         group["lr"] = cfg.lr
     kwargs = dict(momentum=cfg.momentum) if cfg.opt in ("sgd", "momentum") else {}
+    if cfg.opt in FUSED_OPTIMIZERS and all(p.device.type in ("cpu", "cuda") for p in model.parameters()):
+        # torch's fused kernel updates every tensor in one pass; the default loops per tensor, which
+        # on a small model costs more than the update itself (benchmarks: docs/benchmarks.md)
+        kwargs["fused"] = True
     return create_optimizer_v2(groups, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
 
 
