@@ -303,3 +303,34 @@ def test_finetune_from_a_pretrained_tag(tmp_path, monkeypatch, capsys):
     assert read_metadata(str(out / "checkpoint-last.safetensors"))["model"] == "t2t_vit_7"
     with pytest.raises(T2TViTError, match="holds a t2t_vit_7 but --model is t2t_vit_14"):
         TrainConfig(model="t2t_vit_14", finetune="t2t_vit_7.in1k").validate()
+
+
+def test_config_is_validated_once_on_every_entry_path(monkeypatch, tmp_path):
+    import dataclasses
+
+    import t2t_vit.train.engine as engine
+    from t2t_vit.cli import main
+    from t2t_vit.train import checks
+
+    real, calls = checks.check_model, []
+    monkeypatch.setattr(checks, "check_model", lambda cfg, *a: calls.append(cfg.model) or real(cfg, *a))
+
+    class Started(Exception):
+        pass
+
+    def init_world(device):
+        raise Started  # validation is over once the run starts
+
+    monkeypatch.setattr(engine, "init_world", init_world)
+    out = str(tmp_path / "run")
+    for entry in (lambda: main(["train", "--output", out]), lambda: train(load_config("digits", dict(output=out))),
+                  lambda: train(TrainConfig(**BASE, output=out))):
+        calls.clear()
+        with pytest.raises(Started):
+            entry()
+        assert calls == ["t2t_vit_7"]
+    cfg = load_config("digits")
+    with pytest.raises(dataclasses.FrozenInstanceError, match="read-only"):
+        cfg.lr = -1.0  # a validated config cannot be changed into an invalid one behind train's back
+    with pytest.raises(T2TViTError, match="--lr must be positive"):
+        dataclasses.replace(cfg, lr=-1.0)  # a changed copy is validated again

@@ -41,7 +41,7 @@ HELP = {
 
 def _parse_value(kind: type, text: str):
     """Strings stay strings ("none" → None); other values are read as YAML (numbers, lists, mappings);
-    TrainConfig.validate() then checks and converts the types."""
+    ValidConfig then checks and converts the types."""
     if kind is str:
         return None if text.lower() in ("none", "null") else text
     return read_yaml(text, f"the value {text!r}")

@@ -8,6 +8,7 @@ as ``config.yaml`` in the output directory of every run.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import time
@@ -96,22 +97,12 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None  # torch CPU threads per process (None: cores left after the loader workers)
 
-    def validate(self) -> "TrainConfig":
-        """Check every value before any work starts; raise one clear T2TViTError on the first problem.
-
-        Values are converted to their field's declared type; ``img_size``/``stem`` left at None are
-        filled in from the model's registration, so the saved config says what was trained.
-        """
-        if self.__dict__.get("_checked") == self.to_dict():
-            return self  # already validated as it stands (load_config, then train)
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, coerce(f.name, FIELD_TYPES[f.name], getattr(self, f.name)))
-        checks.check_numbers(self)
-        checks.check_paths(self)
-        checks.check_model(self)
-        preempt.parse_signals(self.preempt_signals)
-        self.__dict__["_checked"] = self.to_dict()
-        return self
+    def validate(self) -> ValidConfig:
+        """This config checked: a :class:`ValidConfig` built from a copy of its values (itself, when it
+        is one already). ``self`` is left as it is."""
+        if isinstance(self, ValidConfig):
+            return self
+        return ValidConfig(**copy.deepcopy({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}))
 
     def resolved_output(self) -> str:
         if self.output:
@@ -122,6 +113,44 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+class ValidConfig(TrainConfig):
+    """A :class:`TrainConfig` that passed every check: what :func:`t2t_vit.train.engine.train` and the
+    parts of a run work from.
+
+    Validation happens exactly once, when a ValidConfig is built: ``TrainConfig.validate()``,
+    :func:`load_config` (and so the command line) and ``dataclasses.replace(valid, ...)`` all build
+    one; ``train`` validates a plain TrainConfig it is given and takes a ValidConfig as it is. Values
+    are converted to their field's declared type, and ``img_size``/``stem`` left at None are filled in
+    from the model's registration, so the saved config says what was trained. A ValidConfig is
+    read-only, so it stays what was checked (its lists and mappings are not to be changed either).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        cfg = TrainConfig(*args, **kwargs)
+        _check(cfg)
+        for f in dataclasses.fields(cfg):
+            object.__setattr__(self, f.name, getattr(cfg, f.name))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise dataclasses.FrozenInstanceError(
+            f"a validated TrainConfig is read-only (cannot set {name!r}); build a new one with "
+            "dataclasses.replace(cfg, ...), which validates it")
+
+    def __delattr__(self, name: str) -> None:
+        self.__setattr__(name, None)
+
+
+def _check(cfg: TrainConfig) -> None:
+    """Check every value of ``cfg`` before any work starts, converting and completing it in place;
+    raise one clear T2TViTError on the first problem."""
+    for f in dataclasses.fields(cfg):
+        setattr(cfg, f.name, coerce(f.name, FIELD_TYPES[f.name], getattr(cfg, f.name)))
+    checks.check_numbers(cfg)
+    checks.check_paths(cfg)
+    checks.check_model(cfg)
+    preempt.parse_signals(cfg.preempt_signals)
 
 
 # Settings a resumed run may take from the new command line: they change how the run is carried out,
@@ -182,11 +211,12 @@ def read_recipe(path: str) -> dict[str, Any]:
     return loaded
 
 
-def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``; validated."""
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> ValidConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``; validated (once: pass the
+    result to ``train`` as it is)."""
     values: dict[str, Any] = dict(read_recipe(path)) if path else {}
     if overrides:
         check_keys(overrides, "the overrides")
         values.update(overrides)
     values.pop("config", None)
-    return TrainConfig(**values).validate()
+    return ValidConfig(**values)

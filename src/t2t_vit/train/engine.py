@@ -30,9 +30,11 @@ from t2t_vit.train.evaluate import evaluate
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train as ``cfg`` says; returns the dict also written to ``<output>/metrics.json``.
 
-    Works in one process and under ``torchrun`` (DDP; rank 0 writes every file).
+    Works in one process and under ``torchrun`` (DDP; rank 0 writes every file). A plain
+    :class:`TrainConfig` is validated here; a :class:`~t2t_vit.train.config.ValidConfig` (from
+    :func:`~t2t_vit.train.config.load_config` or the command line) was validated when it was built.
     """
-    cfg.validate()
+    cfg = cfg.validate()
     world = init_world(cfg.device)
     try:
         log = report.Progress(world.is_main, cfg.log_every)
