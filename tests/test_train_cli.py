@@ -334,3 +334,20 @@ def test_config_is_validated_once_on_every_entry_path(monkeypatch, tmp_path):
         cfg.lr = -1.0  # a validated config cannot be changed into an invalid one behind train's back
     with pytest.raises(T2TViTError, match="--lr must be positive"):
         dataclasses.replace(cfg, lr=-1.0)  # a changed copy is validated again
+
+
+def test_model_source_is_parsed_once_at_the_edge(tmp_path, monkeypatch):
+    from t2t_vit.modelsource import ModelSource
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x")
+    assert ModelSource.parse(str(weights)) == ModelSource("file", str(weights))
+    assert ModelSource.parse("t2t_vit_7.in1k") == ModelSource("tag", "t2t_vit_7.in1k", "t2t_vit_7", "in1k")
+    assert ModelSource.parse("t2t_vit_7").kind == "name"
+    assert ModelSource.parse("resnet18.a1_in1k").kind == "name"  # only T2T-ViT tags are fine-tuning sources
+    real, parsed = ModelSource.parse.__func__, []
+    monkeypatch.setattr(ModelSource, "parse", classmethod(lambda cls, text: parsed.append(text) or real(cls, text)))
+    cfg = captured_config(["--finetune", "t2t_vit_7.in1k"], monkeypatch)
+    assert parsed == ["t2t_vit_7.in1k"]  # the command line's parse is the one the config keeps
+    assert (cfg.model, cfg.finetune, cfg.finetune_source.kind) == ("t2t_vit_7", "t2t_vit_7.in1k", "tag")
+    assert cfg.teacher_source is None

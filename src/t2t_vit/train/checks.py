@@ -13,13 +13,14 @@ import typing
 from typing import Any
 
 import yaml
-from timm.models import split_model_name_tag
 
 from t2t_vit.data import BUILTIN
 from t2t_vit.data.readers import is_reader_spec
 from t2t_vit.errors import T2TViTError, did_you_mean
 from t2t_vit.metadata import MAX_IMG
+from t2t_vit.modelsource import ModelSource
 from t2t_vit.precision import PRECISIONS
+from t2t_vit.table import is_t2t_vit
 
 MAX_YAML_BYTES = 1 << 20  # a recipe is a few hundred bytes; anything near this is not a recipe
 MAX_BATCH_SIZE = 1 << 16
@@ -179,7 +180,7 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 PATH_FIELDS = ("data", "output", "resume", "finetune", "teacher", "teacher_checkpoint")
 
 
-def check_paths(cfg: Any) -> None:
+def check_paths(cfg: Any, finetune: ModelSource | None) -> None:
     for name in PATH_FIELDS:  # they are written into config.yaml and the checkpoints' metadata
         value = getattr(cfg, name)
         try:
@@ -189,7 +190,7 @@ def check_paths(cfg: Any) -> None:
             raise T2TViTError(f"{flag(name)} {value!r} is not valid UTF-8; choose a path whose name is") from err
     if cfg.data not in BUILTIN and not is_reader_spec(cfg.data) and not os.path.exists(cfg.data):
         raise T2TViTError(f"data path {cfg.data!r} does not exist (use --data digits for the built-in demo data)")
-    if cfg.finetune is not None and not os.path.isfile(cfg.finetune) and pretrained_tag(cfg.finetune) is None:
+    if finetune is not None and finetune.kind == "name":
         raise T2TViTError(f"--finetune file {cfg.finetune!r} does not exist (and it is no pretrained tag "
                           "such as t2t_vit_14.in1k)")
     if cfg.teacher_checkpoint is not None and not os.path.isfile(cfg.teacher_checkpoint):
@@ -198,34 +199,18 @@ def check_paths(cfg: Any) -> None:
         raise T2TViTError(f"--resume path {cfg.resume!r} does not exist (use --resume auto to pick up the last run)")
 
 
-def pretrained_tag(name: str) -> tuple[str, str] | None:
-    """``(model, tag)`` when ``name`` is a registered T2T-ViT name with a tag, e.g. ``t2t_vit_14.in1k``."""
-    import t2t_vit
-
-    model, tag = split_model_name_tag(str(name))
-    if tag and model in t2t_vit.list_models() and os.path.sep not in name:
-        return model, tag
-    return None
-
-
 # ---- the model -------------------------------------------------------------------------------------------
-def is_t2t(name: str) -> bool:
-    import t2t_vit
-
-    return name in t2t_vit.list_models()
-
-
-def check_model(cfg: Any) -> None:
+def check_model(cfg: Any, finetune: ModelSource | None, teacher: ModelSource | None) -> None:
     """A known model name, model arguments it takes, and (T2T-ViT) an input size its stem can tokenise;
-    fills in ``img_size``/``stem`` from the model's registration where they are None."""
+    fills in ``img_size``/``stem`` from the model's registration where they are None. ``finetune`` and
+    ``teacher`` are ``cfg.finetune`` and ``cfg.teacher`` as parsed (None when not given)."""
     import timm
 
     import t2t_vit
 
-    tag = pretrained_tag(cfg.finetune) if cfg.finetune and not os.path.isfile(cfg.finetune) else None
-    if tag and tag[0] != cfg.model:
-        raise T2TViTError(f"--finetune {cfg.finetune} holds a {tag[0]} but --model is {cfg.model}")
-    if is_t2t(cfg.model):
+    if finetune is not None and finetune.kind == "tag" and finetune.model != cfg.model:
+        raise T2TViTError(f"--finetune {cfg.finetune} holds a {finetune.model} but --model is {cfg.model}")
+    if is_t2t_vit(cfg.model):
         _check_t2t(cfg)
     elif timm.is_model(cfg.model):
         if cfg.img_size is None:
@@ -237,9 +222,9 @@ def check_model(cfg: Any) -> None:
         cfg.img_size = cfg.img_size[0]
     if isinstance(cfg.img_size, list) and cfg.img_size[0] == cfg.img_size[1]:
         cfg.img_size = cfg.img_size[0]
-    teacher = cfg.teacher
-    if teacher and not os.path.exists(teacher) and not is_t2t(teacher) and not timm.is_model(teacher):
-        raise T2TViTError(f"--teacher {teacher!r} is neither an existing checkpoint file nor a known model name")
+    if teacher is not None and teacher.kind == "name" and not os.path.exists(teacher.text) and \
+            not is_t2t_vit(teacher.model) and not timm.is_model(teacher.model):
+        raise T2TViTError(f"--teacher {teacher.text!r} is neither an existing checkpoint file nor a known model name")
 
 
 def _check_t2t(cfg: Any) -> None:

@@ -11,7 +11,8 @@ from t2t_vit.cli_args import add_model_args, add_runtime_args
 from t2t_vit.errors import T2TViTError, check_range
 from t2t_vit.model import to_2tuple_size
 from t2t_vit.precision import PRECISIONS
-from t2t_vit.train.checks import pretrained_tag, read_yaml
+from t2t_vit.modelsource import ModelSource
+from t2t_vit.train.checks import read_yaml
 from t2t_vit.train.config import DEMO_RECIPE, FIELD_TYPES, FIELDS, TrainConfig, list_recipes, load_config
 
 HELP = {
@@ -107,15 +108,15 @@ def register(subparsers) -> None:
     e.set_defaults(func=run_eval)
 
 
-def base_recipe(args: argparse.Namespace) -> str | None:
+def base_recipe(args: argparse.Namespace, finetune: ModelSource | None = None) -> str | None:
     """``--config``; else, when resuming, the run's own config.yaml; else the demo recipe when no model
-    is named (``--model`` or a pretrained tag)."""
+    is named (``--model``, or a pretrained tag as ``finetune``, the parsed ``--finetune``)."""
     if args.config or args.model:
         return args.config
     saved = _resumed_run_config(args)
     if saved:
         return saved
-    if args.finetune and pretrained_tag(args.finetune):
+    if finetune is not None and finetune.kind == "tag":
         return None
     return DEMO_RECIPE
 
@@ -134,10 +135,12 @@ def _resumed_run_config(args: argparse.Namespace) -> str | None:
 
 def run_train(args: argparse.Namespace) -> int:
     overrides = flag_values(args)
-    tag = pretrained_tag(args.finetune) if args.finetune and not args.model and not args.config else None
-    if tag:
-        overrides["model"] = tag[0]  # --finetune t2t_vit_14.in1k alone trains a t2t_vit_14
-    cfg = load_config(base_recipe(args), overrides)
+    finetune = ModelSource.parse(overrides["finetune"]) if overrides.get("finetune") is not None else None
+    if finetune is not None:
+        overrides["finetune"] = finetune  # parsed here, once: the config keeps this value
+        if finetune.kind == "tag" and not args.model and not args.config:
+            overrides["model"] = finetune.model  # --finetune t2t_vit_14.in1k alone trains a t2t_vit_14
+    cfg = load_config(base_recipe(args, finetune), overrides)
     from t2t_vit.train.engine import train
 
     train(cfg)

@@ -19,6 +19,7 @@ from typing import Any
 
 from t2t_vit.data import BUILTIN
 from t2t_vit.errors import T2TViTError, did_you_mean
+from t2t_vit.modelsource import ModelSource
 from t2t_vit.train import checks, preempt
 from t2t_vit.train.checks import coerce, read_yaml
 
@@ -80,7 +81,7 @@ class TrainConfig:
     max_steps: int | None = None
     nonfinite_patience: int = 3  # consecutive non-finite steps skipped before the run stops
     # ---- transfer and distillation ---------------------------------------------------------
-    finetune: str | None = None  # a checkpoint file, or a pretrained tag such as t2t_vit_14.in1k
+    finetune: str | None = None  # a checkpoint file, or a pretrained tag such as t2t_vit_14.in1k (or a ModelSource)
     teacher: str | None = None  # a checkpoint path of ours, or a model name (+ teacher_checkpoint)
     teacher_checkpoint: str | None = None
     distill: str = "soft"
@@ -127,11 +128,16 @@ class ValidConfig(TrainConfig):
     read-only, so it stays what was checked (its lists and mappings are not to be changed either).
     """
 
+    finetune_source: ModelSource | None  # cfg.finetune parsed (file or pretrained tag); None without one
+    teacher_source: ModelSource | None  # cfg.teacher parsed (file or model name); None without one
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         cfg = TrainConfig(*args, **kwargs)
-        _check(cfg)
+        finetune, teacher = _check(cfg)
         for f in dataclasses.fields(cfg):
             object.__setattr__(self, f.name, getattr(cfg, f.name))
+        object.__setattr__(self, "finetune_source", finetune)
+        object.__setattr__(self, "teacher_source", teacher)
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise dataclasses.FrozenInstanceError(
@@ -142,15 +148,22 @@ class ValidConfig(TrainConfig):
         self.__setattr__(name, None)
 
 
-def _check(cfg: TrainConfig) -> None:
+def _check(cfg: TrainConfig) -> tuple[ModelSource | None, ModelSource | None]:
     """Check every value of ``cfg`` before any work starts, converting and completing it in place;
-    raise one clear T2TViTError on the first problem."""
+    raise one clear T2TViTError on the first problem. Returns ``finetune`` and ``teacher`` parsed
+    (``finetune`` may arrive parsed already: the command line parses it to choose the recipe)."""
+    given = cfg.finetune if isinstance(cfg.finetune, ModelSource) else None
+    if given is not None:
+        cfg.finetune = given.text
     for f in dataclasses.fields(cfg):
         setattr(cfg, f.name, coerce(f.name, FIELD_TYPES[f.name], getattr(cfg, f.name)))
+    finetune = given or (ModelSource.parse(cfg.finetune) if cfg.finetune is not None else None)
+    teacher = ModelSource.parse(cfg.teacher) if cfg.teacher else None
     checks.check_numbers(cfg)
-    checks.check_paths(cfg)
-    checks.check_model(cfg)
+    checks.check_paths(cfg, finetune)
+    checks.check_model(cfg, finetune, teacher)
     preempt.parse_signals(cfg.preempt_signals)
+    return finetune, teacher
 
 
 # Settings a resumed run may take from the new command line: they change how the run is carried out,
