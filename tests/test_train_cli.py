@@ -351,3 +351,34 @@ def test_model_source_is_parsed_once_at_the_edge(tmp_path, monkeypatch):
     assert parsed == ["t2t_vit_7.in1k"]  # the command line's parse is the one the config keeps
     assert (cfg.model, cfg.finetune, cfg.finetune_source.kind) == ("t2t_vit_7", "t2t_vit_7.in1k", "tag")
     assert cfg.teacher_source is None
+
+
+def test_each_fields_rules_drive_both_the_help_and_the_checks(capsys):
+    """A field's sign, bounds and choices are declared once (checks.option on TrainConfig); the flags'
+    help and the validation both follow them."""
+    import dataclasses
+
+    from t2t_vit.cli import main
+    from t2t_vit.train.checks import rules
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    declared = [(f.name, rules(f)) for f in dataclasses.fields(TrainConfig)]
+    assert sum(1 for _, r in declared if r.sign or r.bounds or r.choices) >= 30
+    for name, rule in declared:
+        if rule.choices:
+            assert f"one of {', '.join(rule.choices)}" in text
+            with pytest.raises(T2TViTError, match=f"--{name.replace('_', '-')} must be one of"):
+                TrainConfig(**{name: "bogus"}).validate()
+        if rule.help:
+            assert " ".join(rule.help.split()) in text
+        if rule.sign == "positive":
+            with pytest.raises(T2TViTError, match="must be positive, got 0"):
+                TrainConfig(**{name: 0}).validate()
+        if rule.sign == "not negative":
+            with pytest.raises(T2TViTError, match="must not be negative, got -1"):
+                TrainConfig(**{name: -1}).validate()
+        if rule.bounds:
+            with pytest.raises(T2TViTError, match=rf"must be in \[{rule.bounds[0]}, {rule.bounds[1]}"):
+                TrainConfig(**{name: rule.bounds[1] + 1}).validate()

@@ -12,7 +12,7 @@ import copy
 import dataclasses
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,83 +20,107 @@ from typing import Any
 from t2t_vit.data import BUILTIN
 from t2t_vit.errors import T2TViTError, did_you_mean
 from t2t_vit.modelsource import ModelSource
+from t2t_vit.precision import PRECISIONS
 from t2t_vit.train import checks, preempt
-from t2t_vit.train.checks import coerce, read_yaml
+from t2t_vit.train.checks import MAX_BATCH_SIZE, MAX_LR, MAX_SEED, coerce, option, read_yaml
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs; ``None`` means "the model's or the data set's own value"."""
+    """Everything a training run needs; ``None`` means "the model's or the data set's own value".
+
+    Each field's help text, sign, bounds and choices are declared here, once (:func:`checks.option`):
+    ``t2t-vit train --help`` and the checks both read them.
+    """
 
     # ---- data and model -----------------------------------------------------------------
-    data: str = "digits"
-    model: str = "t2t_vit_7"
-    model_kwargs: dict = field(default_factory=dict)  # extra model arguments, e.g. {depth: 4}
-    img_size: Any = None  # int or [height, width]; None: the model's registered input size
-    stem: str | None = None  # T2T-ViT soft-split schedule; None: the model's own (imagenet)
-    num_classes: int | None = None  # None: from the data set
-    drop_path: float = 0.0  # the paper (ImageNet recipes): 0.1
-    mean: list | None = None  # None: the data set's default
-    std: list | None = None
+    data: str = option("digits", path=True,
+                       help="'digits' (built in), an ImageFolder root with train/ and val/, a CIFAR-10/100 python "
+                            "folder, hfds/<HF dataset folder or name> or wds/<WebDataset shard folder or pattern> "
+                            "(docs/data.md)")
+    model: str = option("t2t_vit_7", help="a T2T-ViT name (t2t-vit profile --all) or any timm model, built as "
+                                          "registered (without --config and --model: the digits demo recipe)")
+    model_kwargs: dict = option(factory=dict, help="extra model arguments as YAML/JSON, e.g. '{embed_dim: 128, depth: 4}'")
+    img_size: Any = option(None, help="input size: 32 or 224 or H,W (default: the model's registered size)")
+    stem: str | None = option(None, help="T2T-ViT soft-split schedule: imagenet or small (default: the model's own)")
+    num_classes: int | None = option(None, sign="positive", help="classifier width; none: the data set's class count")
+    drop_path: float = option(0.0, sign="not negative", bounds=(0, 1), high_open=True,
+                              help="stochastic depth rate; the paper's ImageNet recipes use 0.1")
+    mean: list | None = option(None, help="normalisation mean per channel; none: the data set's")
+    std: list | None = option(None, help="normalisation std per channel; none: the data set's")
     crop_pct: float | None = None
     interpolation: str = "bicubic"
-    workers: int | None = None  # loader processes; None: data.default_workers (capped at the CPU count)
+    workers: int | None = option(None, sign="not negative",
+                                 help="loader processes (default: 0 for in-memory data sets, else up to 8; never "
+                                      "more than the CPUs)")
     # ---- augmentation (augment=False turns every item below off, mixup and smoothing included).
     # None: the data set's default (t2t_vit.data.transforms.DATASET_AUGMENT: digits are never
     # flipped, others get timm's crop and flip); recipe files set the paper's values.
-    augment: bool = True
+    augment: bool = option(True, help="--no-augment turns off random crops, flips, RandAugment, erasing, "
+                                      "mixup/cutmix and smoothing")
     scale: list | None = None
     ratio: list | None = None
     hflip: float | None = None
-    auto_augment: str | None = None  # ImageNet recipes: "rand-m9-mstd0.5-inc1"
-    re_prob: float = 0.0
-    color_jitter: float | None = None  # None: off
+    auto_augment: str | None = option(None, help="timm RandAugment spec; the paper's ImageNet recipes use "
+                                                 "rand-m9-mstd0.5-inc1")
+    re_prob: float = option(0.0, sign="not negative")
+    color_jitter: float | None = option(None, help="colour jitter strength; none: off")
     train_interpolation: str = "bicubic"
-    mixup: float = 0.0
-    cutmix: float = 0.0
+    mixup: float = option(0.0, sign="not negative")
+    cutmix: float = option(0.0, sign="not negative")
     mixup_switch_prob: float = 0.5
-    smoothing: float = 0.1
+    smoothing: float = option(0.1, sign="not negative", bounds=(0, 1), high_open=True)
     # ---- optimisation ---------------------------------------------------------------------
-    epochs: int = 10
-    batch_size: int = 32  # per process
-    accum_steps: int = 1
-    opt: str = "adamw"
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    warmup_lr: float = 1e-6
-    warmup_epochs: float = 1.0
-    cooldown_epochs: float = 0.0
-    weight_decay: float = 0.05
-    momentum: float = 0.9
-    body_lr_scale: float = 1.0  # lr of everything but the classifier = lr × this (transfer: 0.01)
-    t2t_lr_scale: float = 1.0  # lr of the tokenizer (T2T module) = its group's lr × this
-    t2t_warmup_epochs: float = 0.0  # the tokenizer's lr also ramps linearly from 0 over this many epochs
-    clip_grad: float | None = None
+    epochs: int = option(10, sign="positive")
+    batch_size: int = option(32, sign="positive", at_most=MAX_BATCH_SIZE, help="images per process and micro-step")
+    accum_steps: int = option(1, sign="positive")
+    opt: str = option("adamw", choices=("adamw", "sgd", "adam", "lamb", "momentum"))
+    lr: float = option(1e-3, sign="positive", bounds=(0, MAX_LR))
+    min_lr: float = option(1e-5, sign="not negative", bounds=(0, MAX_LR))
+    warmup_lr: float = option(1e-6, sign="not negative", bounds=(0, MAX_LR))
+    warmup_epochs: float = option(1.0, sign="not negative")
+    cooldown_epochs: float = option(0.0, sign="not negative")
+    weight_decay: float = option(0.05, sign="not negative")
+    momentum: float = option(0.9, sign="not negative")
+    body_lr_scale: float = option(1.0, sign="not negative", help="lr of all but the classifier = lr × this (the "
+                                                                 "paper's transfer recipe uses 0.01)")
+    t2t_lr_scale: float = option(1.0, sign="not negative", help="lr of the tokenizer (T2T module) = its group's lr "
+                                                                "× this (small-data studies)")
+    t2t_warmup_epochs: float = option(0.0, sign="not negative", help="extra linear warm-up of the tokenizer's lr, "
+                                                                     "in epochs, on top of the shared schedule")
+    clip_grad: float | None = option(None, sign="positive")
     ema: bool = True
-    ema_decay: float = 0.9998
-    ema_warmup: bool = True  # decay ramps up from 0 so short runs do not look broken
-    precision: str = "fp32"
+    ema_decay: float = option(0.9998, bounds=(0, 1), high_open=True)
+    ema_warmup: bool = option(True, help="the EMA decay ramps up from 0, so short runs do not look broken")
+    precision: str = option("fp32", choices=tuple(PRECISIONS))
     compile: bool = False
     grad_checkpointing: bool = False
-    max_steps: int | None = None
-    nonfinite_patience: int = 3  # consecutive non-finite steps skipped before the run stops
+    max_steps: int | None = option(None, sign="positive", help="stop after this many optimizer steps")
+    nonfinite_patience: int = option(3, sign="positive", help="consecutive non-finite steps skipped before the run "
+                                                              "stops")
     # ---- transfer and distillation ---------------------------------------------------------
-    finetune: str | None = None  # a checkpoint file, or a pretrained tag such as t2t_vit_14.in1k (or a ModelSource)
-    teacher: str | None = None  # a checkpoint path of ours, or a model name (+ teacher_checkpoint)
-    teacher_checkpoint: str | None = None
-    distill: str = "soft"
-    distill_alpha: float = 0.5
-    distill_tau: float = 1.0
+    finetune: str | None = option(None, path=True, help="start from a checkpoint file, or from a pretrained tag "
+                                                        "such as t2t_vit_14.in1k")  # (or a parsed ModelSource)
+    teacher: str | None = option(None, path=True, help="distillation teacher: one of our checkpoints, or a model "
+                                                       "name (+ --teacher-checkpoint)")
+    teacher_checkpoint: str | None = option(None, path=True)
+    distill: str = option("soft", choices=("soft", "hard"))
+    distill_alpha: float = option(0.5, bounds=(0, 1))
+    distill_tau: float = option(1.0, sign="not negative")
     # ---- run management ---------------------------------------------------------------------
-    output: str | None = None  # None: runs/<model>-<data>-<timestamp>
-    resume: str | None = None  # a checkpoint path, a run directory, or "auto"
-    seed: int = 0
+    output: str | None = option(None, path=True, help="run directory (default runs/<model>-<data>-<timestamp>)")
+    resume: str | None = option(None, path=True,
+                                help="a checkpoint, a run directory, or 'auto' (the last checkpoint of --output)")
+    seed: int = option(0, bounds=(0, MAX_SEED))
     deterministic: bool = False
-    save_every_steps: int | None = None
-    preempt_signals: str | None = "TERM,USR1"  # stop gracefully on these (and SIGINT): train/preempt.py
-    log_every: int = 50
+    save_every_steps: int | None = option(None, sign="positive")
+    preempt_signals: str | None = option("TERM,USR1", help="signals (and always SIGINT) that stop the run after the "
+                                                           "current step, save checkpoint-last and exit 128+signal "
+                                                           "number (143 TERM, 138 USR1); 'none' for none")
+    log_every: int = option(50, sign="positive")
     device: str = "auto"
-    threads: int | None = None  # torch CPU threads per process (None: cores left after the loader workers)
+    threads: int | None = option(None, sign="positive", help="torch CPU threads per process; none: the cores the "
+                                                             "loader workers leave")
 
     def validate(self) -> ValidConfig:
         """This config checked: a :class:`ValidConfig` built from a copy of its values (itself, when it
