@@ -128,9 +128,9 @@ class Rules:
     path: bool = False
 
 
-def option(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **rules: Any) -> Any:
+def option(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **declared: Any) -> Any:
     """A TrainConfig field with its :class:`Rules`: ``lr: float = option(1e-3, sign="positive", ...)``."""
-    return dataclasses.field(default=default, default_factory=factory, metadata={"rules": Rules(**rules)})
+    return dataclasses.field(default=default, default_factory=factory, metadata={"rules": Rules(**declared)})
 
 
 def rules(field: dataclasses.Field) -> Rules:
