@@ -116,7 +116,8 @@ class Rules:
 
     ``help`` is its ``--help`` text; ``sign`` "positive" or "not negative" (None always passes where the
     field allows None); ``bounds`` ``(low, high)``, inclusive unless ``high_open``; ``at_most`` a plain
-    upper limit; ``choices`` the accepted words; ``path`` a file-system path (must encode as UTF-8).
+    upper limit; ``choices`` the accepted words; ``path`` a file-system path (must encode as UTF-8);
+    ``free_on_resume`` a setting a resumed run may change (how the run is carried out, not what it trains).
     """
 
     help: str = ""
@@ -126,6 +127,7 @@ class Rules:
     at_most: int | None = None
     choices: tuple[str, ...] = ()
     path: bool = False
+    free_on_resume: bool = False
 
 
 def option(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **declared: Any) -> Any:

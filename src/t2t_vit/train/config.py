@@ -29,8 +29,8 @@ from t2t_vit.train.checks import MAX_BATCH_SIZE, MAX_LR, MAX_SEED, coerce, optio
 class TrainConfig:
     """Everything a training run needs; ``None`` means "the model's or the data set's own value".
 
-    Each field's help text, sign, bounds and choices are declared here, once (:func:`checks.option`):
-    ``t2t-vit train --help`` and the checks both read them.
+    Each field's help text, sign, bounds, choices and whether a resumed run may change it are declared
+    here, once (:func:`checks.option`): ``t2t-vit train --help``, the checks and resume all read them.
     """
 
     # ---- data and model -----------------------------------------------------------------
@@ -40,7 +40,8 @@ class TrainConfig:
                             "(docs/data.md)")
     model: str = option("t2t_vit_7", help="a T2T-ViT name (t2t-vit profile --all) or any timm model, built as "
                                           "registered (without --config and --model: the digits demo recipe)")
-    model_kwargs: dict = option(factory=dict, help="extra model arguments as YAML/JSON, e.g. '{embed_dim: 128, depth: 4}'")
+    model_kwargs: dict = option(factory=dict,
+                                help="extra model arguments as YAML/JSON, e.g. '{embed_dim: 128, depth: 4}'")
     img_size: Any = option(None, help="input size: 32 or 224 or H,W (default: the model's registered size)")
     stem: str | None = option(None, help="T2T-ViT soft-split schedule: imagenet or small (default: the model's own)")
     num_classes: int | None = option(None, sign="positive", help="classifier width; none: the data set's class count")
@@ -50,7 +51,7 @@ class TrainConfig:
     std: list | None = option(None, help="normalisation std per channel; none: the data set's")
     crop_pct: float | None = None
     interpolation: str = "bicubic"
-    workers: int | None = option(None, sign="not negative",
+    workers: int | None = option(None, free_on_resume=True, sign="not negative",
                                  help="loader processes (default: 0 for in-memory data sets, else up to 8; never "
                                       "more than the CPUs)")
     # ---- augmentation (augment=False turns every item below off, mixup and smoothing included).
@@ -93,14 +94,15 @@ class TrainConfig:
     ema_decay: float = option(0.9998, bounds=(0, 1), high_open=True)
     ema_warmup: bool = option(True, help="the EMA decay ramps up from 0, so short runs do not look broken")
     precision: str = option("fp32", choices=tuple(PRECISIONS))
-    compile: bool = False
-    grad_checkpointing: bool = False
-    max_steps: int | None = option(None, sign="positive", help="stop after this many optimizer steps")
-    nonfinite_patience: int = option(3, sign="positive", help="consecutive non-finite steps skipped before the run "
-                                                              "stops")
+    compile: bool = option(False, free_on_resume=True)
+    grad_checkpointing: bool = option(False, free_on_resume=True)
+    max_steps: int | None = option(None, free_on_resume=True, sign="positive",
+                                   help="stop after this many optimizer steps")
+    nonfinite_patience: int = option(3, free_on_resume=True, sign="positive",
+                                     help="consecutive non-finite steps skipped before the run stops")
     # ---- transfer and distillation ---------------------------------------------------------
-    finetune: str | None = option(None, path=True, help="start from a checkpoint file, or from a pretrained tag "
-                                                        "such as t2t_vit_14.in1k")  # (or a parsed ModelSource)
+    finetune: str | None = option(None, free_on_resume=True, path=True,  # (or a parsed ModelSource)
+                                  help="start from a checkpoint file, or from a pretrained tag such as t2t_vit_14.in1k")
     teacher: str | None = option(None, path=True, help="distillation teacher: one of our checkpoints, or a model "
                                                        "name (+ --teacher-checkpoint)")
     teacher_checkpoint: str | None = option(None, path=True)
@@ -108,19 +110,20 @@ class TrainConfig:
     distill_alpha: float = option(0.5, bounds=(0, 1))
     distill_tau: float = option(1.0, sign="not negative")
     # ---- run management ---------------------------------------------------------------------
-    output: str | None = option(None, path=True, help="run directory (default runs/<model>-<data>-<timestamp>)")
-    resume: str | None = option(None, path=True,
+    output: str | None = option(None, free_on_resume=True, path=True,
+                                help="run directory (default runs/<model>-<data>-<timestamp>)")
+    resume: str | None = option(None, free_on_resume=True, path=True,
                                 help="a checkpoint, a run directory, or 'auto' (the last checkpoint of --output)")
     seed: int = option(0, bounds=(0, MAX_SEED))
-    deterministic: bool = False
-    save_every_steps: int | None = option(None, sign="positive")
+    deterministic: bool = option(False, free_on_resume=True)
+    save_every_steps: int | None = option(None, free_on_resume=True, sign="positive")
     preempt_signals: str | None = option("TERM,USR1", help="signals (and always SIGINT) that stop the run after the "
                                                            "current step, save checkpoint-last and exit 128+signal "
                                                            "number (143 TERM, 138 USR1); 'none' for none")
-    log_every: int = option(50, sign="positive")
-    device: str = "auto"
-    threads: int | None = option(None, sign="positive", help="torch CPU threads per process; none: the cores the "
-                                                             "loader workers leave")
+    log_every: int = option(50, free_on_resume=True, sign="positive")
+    device: str = option("auto", free_on_resume=True)
+    threads: int | None = option(None, free_on_resume=True, sign="positive",
+                                 help="torch CPU threads per process; none: the cores the loader workers leave")
 
     def validate(self) -> ValidConfig:
         """This config checked: a :class:`ValidConfig` built from a copy of its values (itself, when it
@@ -190,12 +193,11 @@ def _check(cfg: TrainConfig) -> tuple[ModelSource | None, ModelSource | None]:
     return finetune, teacher
 
 
-# Settings a resumed run may take from the new command line: they change how the run is carried out,
-# not what is trained. Every other field must equal the run's own (its config.yaml), since the
-# schedule, the data order and the optimizer state saved in the checkpoint depend on it.
-FREE_ON_RESUME = frozenset({"workers", "threads", "device", "log_every", "save_every_steps", "max_steps",
-                            "nonfinite_patience", "compile", "grad_checkpointing", "deterministic", "output",
-                            "resume", "finetune"})
+# Settings a resumed run may take from the new command line (declared with free_on_resume=True): they
+# change how the run is carried out, not what is trained. Every other field must equal the run's own
+# (its config.yaml), since the schedule, the data order and the optimizer state saved in the checkpoint
+# depend on it.
+FREE_ON_RESUME = frozenset(f.name for f in dataclasses.fields(TrainConfig) if checks.rules(f).free_on_resume)
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 FIELD_TYPES = checks.field_types(TrainConfig)
