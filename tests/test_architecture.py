@@ -19,7 +19,7 @@ PACKAGE = SRC / "t2t_vit"
 BASE = {"errors", "runtime"}
 CORE = {"layers", "t2t", "tokenizers", "blocks", "model", "switchboard", "precision", "table"}
 LOADING = {"reading", "metadata", "adapting", "checkpoint", "hub", "pretrained", "storage", "variants",
-           "modelguard", "interop"}
+           "modelguard", "interop", "modelsource"}
 COMMANDS = {"cli", "cli_args", "__main__", "predict", "export", "visualize", "train.cli"}
 LAYER_NAMES = ["base", "core", "loading", "library", "commands"]
 

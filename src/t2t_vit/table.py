@@ -98,3 +98,12 @@ VARIANTS: dict[str, Variant] = {
                 note="Ghost attention and MLP as in T2T-ViT-Ghost."),
     ]
 }
+
+
+def is_t2t_vit(name: object) -> bool:
+    """Whether ``name`` is one of this table's models (exactly: ``t2t_vit_14``, not ``t2t_vit_14.in1k``).
+
+    The one test of "is this a T2T-ViT name" (built by :func:`t2t_vit.create_model`, not by timm's
+    other families); a pretrained tag is told apart by :class:`t2t_vit.modelsource.ModelSource`.
+    """
+    return isinstance(name, str) and name in VARIANTS

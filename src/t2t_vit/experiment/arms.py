@@ -7,6 +7,7 @@ from typing import Any
 from t2t_vit.errors import T2TViTError
 from t2t_vit.profile import count_macs
 from t2t_vit.t2t import PIXEL_NORMS
+from t2t_vit.table import is_t2t_vit
 
 IMG_SIZE = 32
 
@@ -32,9 +33,7 @@ class Arm:
 
     @property
     def is_t2t(self) -> bool:
-        from t2t_vit.variants import VARIANTS
-
-        return self.model in VARIANTS
+        return is_t2t_vit(self.model)
 
     @property
     def has_t2t_module(self) -> bool:

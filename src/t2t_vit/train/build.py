@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from t2t_vit.errors import T2TViTError
 from t2t_vit.train import recipe
-from t2t_vit.train.config import TrainConfig
+from t2t_vit.train.config import TrainConfig, ValidConfig
 from t2t_vit.train.distributed import ShardedSampler, World
 from t2t_vit.train.preempt import quiet_worker
 from t2t_vit.train.sampling import EpochKeys, SeededDataset
@@ -49,7 +49,7 @@ class Parts:
     data_config: dict[str, Any]  # the eval transform's input size, mean, std, crop, interpolation
 
 
-def build(cfg: TrainConfig, world: World, log: Callable[[str], None]) -> Parts:
+def build(cfg: ValidConfig, world: World, log: Callable[[str], None]) -> Parts:
     """Data, loaders, model, EMA, optimizer, schedule, scaler, loss (and teacher), seeded as documented."""
     bundle, workers = load_data(cfg, log)
     set_threads(cfg, world, workers)
@@ -130,17 +130,16 @@ def make_loaders(cfg: TrainConfig, world: World, bundle, sampler: ShardedSampler
     return train_loader, val_loader
 
 
-def make_model(cfg: TrainConfig, num_classes: int, log: Callable[[str], None]) -> nn.Module:
+def make_model(cfg: ValidConfig, num_classes: int, log: Callable[[str], None]) -> nn.Module:
     """The named model; ``--finetune`` loads a checkpoint file into it (a new head where the class
     count differs) or builds it from a pretrained tag."""
-    from t2t_vit.train.checks import pretrained_tag
-
-    if cfg.finetune and not os.path.isfile(cfg.finetune) and pretrained_tag(cfg.finetune):
+    source = cfg.finetune_source
+    if source is not None and source.kind == "tag":
         net = recipe.build_model(cfg, num_classes, pretrained=cfg.finetune)
         log(f"fine-tuning from the pretrained weights {cfg.finetune}")
     else:
         net = recipe.build_model(cfg, num_classes)
-    if cfg.finetune and os.path.isfile(cfg.finetune):
+    if source is not None and source.kind == "file":
         from t2t_vit.checkpoint import load_checkpoint
 
         report = load_checkpoint(net, cfg.finetune)
@@ -152,7 +151,7 @@ def make_model(cfg: TrainConfig, num_classes: int, log: Callable[[str], None]) -
     return net
 
 
-def make_teacher(cfg: TrainConfig, criterion: nn.Module, num_classes: int, world: World,
+def make_teacher(cfg: ValidConfig, criterion: nn.Module, num_classes: int, world: World,
                  log: Callable[[str], None]) -> nn.Module | None:
     if not cfg.teacher:
         return None

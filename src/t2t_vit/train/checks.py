@@ -1,25 +1,28 @@
 """Checks a training configuration passes before any work starts: types coerced from the
-dataclass's declared field types, finite and bounded numbers, existing paths, a buildable model.
+dataclass's declared field types, finite numbers, each field's declared :class:`Rules` (sign, bounds,
+choices), existing paths, a buildable model.
 
 Every problem is one :class:`T2TViTError` sentence naming the flag.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import os
 import types
 import typing
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import yaml
-from timm.models import split_model_name_tag
 
 from t2t_vit.data import BUILTIN
 from t2t_vit.data.readers import is_reader_spec
 from t2t_vit.errors import T2TViTError, did_you_mean
 from t2t_vit.metadata import MAX_IMG
-from t2t_vit.precision import PRECISIONS
+from t2t_vit.modelsource import ModelSource
+from t2t_vit.table import is_t2t_vit
 
 MAX_YAML_BYTES = 1 << 20  # a recipe is a few hundred bytes; anything near this is not a recipe
 MAX_BATCH_SIZE = 1 << 16
@@ -106,39 +109,59 @@ def _type_word(kind: type) -> str:
             dict: "a mapping"}.get(kind, kind.__name__)
 
 
-# ---- numbers -------------------------------------------------------------------------------------------
-POSITIVE = ("lr", "batch_size", "epochs", "accum_steps", "log_every", "nonfinite_patience")
-POSITIVE_OR_NONE = ("max_steps", "save_every_steps", "threads", "num_classes", "clip_grad")
-NOT_NEGATIVE = ("min_lr", "warmup_lr", "weight_decay", "warmup_epochs", "cooldown_epochs", "drop_path", "smoothing",
-                "mixup", "cutmix", "re_prob", "workers", "body_lr_scale", "distill_tau", "momentum",
-                "t2t_lr_scale", "t2t_warmup_epochs")
+# ---- each field's rules: declared once on TrainConfig, read by these checks and by the CLI -----------------
+@dataclass(frozen=True)
+class Rules:
+    """What a TrainConfig field means and which values it takes (``dataclasses.field`` metadata).
+
+    ``help`` is its ``--help`` text; ``sign`` "positive" or "not negative" (None always passes where the
+    field allows None); ``bounds`` ``(low, high)``, inclusive unless ``high_open``; ``at_most`` a plain
+    upper limit; ``choices`` the accepted words; ``path`` a file-system path (must encode as UTF-8);
+    ``free_on_resume`` a setting a resumed run may change (how the run is carried out, not what it trains).
+    """
+
+    help: str = ""
+    sign: Literal["positive", "not negative"] | None = None
+    bounds: tuple[float, float] | None = None
+    high_open: bool = False
+    at_most: int | None = None
+    choices: tuple[str, ...] = ()
+    path: bool = False
+    free_on_resume: bool = False
+
+
+def option(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **declared: Any) -> Any:
+    """A TrainConfig field with its :class:`Rules`: ``lr: float = option(1e-3, sign="positive", ...)``."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"rules": Rules(**declared)})
+
+
+def rules(field: dataclasses.Field) -> Rules:
+    return field.metadata.get("rules", Rules())
 
 
 def check_numbers(cfg: Any) -> None:
     for name, value in vars(cfg).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise T2TViTError(f"{flag(name)} must be a finite number, got {value}")
-    for name in POSITIVE + POSITIVE_OR_NONE:
-        value = getattr(cfg, name)
-        if (value is None and name in POSITIVE) or (value is not None and value <= 0):
+    fields = [(f.name, rules(f), getattr(cfg, f.name)) for f in dataclasses.fields(cfg)]
+    for name, rule, value in fields:
+        if rule.sign == "positive" and value is not None and value <= 0:
             raise T2TViTError(f"{flag(name)} must be positive, got {value}")
-    for name in NOT_NEGATIVE:
-        value = getattr(cfg, name)
-        if value is not None and value < 0:
+        if rule.sign == "not negative" and value is not None and value < 0:
             raise T2TViTError(f"{flag(name)} must not be negative, got {value}")
-    if cfg.batch_size > MAX_BATCH_SIZE:
-        raise T2TViTError(f"--batch-size must be at most {MAX_BATCH_SIZE}, got {cfg.batch_size}")
+    for name, rule, value in fields:
+        if rule.at_most is not None and value is not None and value > rule.at_most:
+            raise T2TViTError(f"{flag(name)} must be at most {rule.at_most}, got {value}")
     _check_img_size(cfg.img_size)
-    for name, low, high, closed in (("drop_path", 0, 1, False), ("distill_alpha", 0, 1, True),
-                                    ("ema_decay", 0, 1, False), ("smoothing", 0, 1, False),
-                                    ("lr", 0, MAX_LR, True), ("min_lr", 0, MAX_LR, True),
-                                    ("warmup_lr", 0, MAX_LR, True), ("seed", 0, MAX_SEED, True)):
-        value = getattr(cfg, name)
-        if not (low <= value <= high if closed else low <= value < high):
-            raise T2TViTError(f"{flag(name)} must be in [{low}, {high}{']' if closed else ')'}, got {value}")
-    _choice("precision", cfg.precision, tuple(PRECISIONS))
-    _choice("opt", cfg.opt, ("adamw", "sgd", "adam", "lamb", "momentum"))
-    _choice("distill", cfg.distill, ("soft", "hard"))
+    for name, rule, value in fields:
+        if rule.bounds is not None and value is not None:
+            low, high = rule.bounds
+            if not (low <= value < high if rule.high_open else low <= value <= high):
+                raise T2TViTError(f"{flag(name)} must be in [{low}, {high}{')' if rule.high_open else ']'}, "
+                                  f"got {value}")
+    for name, rule, value in fields:
+        if rule.choices and value not in rule.choices:
+            raise T2TViTError(f"{flag(name)} must be one of {', '.join(rule.choices)}, got {value!r}")
     if cfg.opt == "sgd" and cfg.momentum == 0:
         raise T2TViTError("--opt sgd is Nesterov SGD, which needs --momentum above 0; for plain SGD use "
                           "--opt momentum --momentum 0")
@@ -170,18 +193,10 @@ def _check_img_size(img_size: Any) -> None:
         raise T2TViTError(f"--img-size must be at most {MAX_IMG} pixels per side, got {img_size!r}")
 
 
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise T2TViTError(f"{flag(name)} must be one of {', '.join(choices)}, got {value!r}")
-
-
 # ---- paths ---------------------------------------------------------------------------------------------
-PATH_FIELDS = ("data", "output", "resume", "finetune", "teacher", "teacher_checkpoint")
-
-
-def check_paths(cfg: Any) -> None:
-    for name in PATH_FIELDS:  # they are written into config.yaml and the checkpoints' metadata
-        value = getattr(cfg, name)
+def check_paths(cfg: Any, finetune: ModelSource | None) -> None:
+    for name in (f.name for f in dataclasses.fields(cfg) if rules(f).path):
+        value = getattr(cfg, name)  # written into config.yaml and the checkpoints' metadata
         try:
             if value is not None:
                 value.encode("utf-8")
@@ -189,7 +204,7 @@ def check_paths(cfg: Any) -> None:
             raise T2TViTError(f"{flag(name)} {value!r} is not valid UTF-8; choose a path whose name is") from err
     if cfg.data not in BUILTIN and not is_reader_spec(cfg.data) and not os.path.exists(cfg.data):
         raise T2TViTError(f"data path {cfg.data!r} does not exist (use --data digits for the built-in demo data)")
-    if cfg.finetune is not None and not os.path.isfile(cfg.finetune) and pretrained_tag(cfg.finetune) is None:
+    if finetune is not None and finetune.kind == "name":
         raise T2TViTError(f"--finetune file {cfg.finetune!r} does not exist (and it is no pretrained tag "
                           "such as t2t_vit_14.in1k)")
     if cfg.teacher_checkpoint is not None and not os.path.isfile(cfg.teacher_checkpoint):
@@ -198,34 +213,18 @@ def check_paths(cfg: Any) -> None:
         raise T2TViTError(f"--resume path {cfg.resume!r} does not exist (use --resume auto to pick up the last run)")
 
 
-def pretrained_tag(name: str) -> tuple[str, str] | None:
-    """``(model, tag)`` when ``name`` is a registered T2T-ViT name with a tag, e.g. ``t2t_vit_14.in1k``."""
-    import t2t_vit
-
-    model, tag = split_model_name_tag(str(name))
-    if tag and model in t2t_vit.list_models() and os.path.sep not in name:
-        return model, tag
-    return None
-
-
 # ---- the model -------------------------------------------------------------------------------------------
-def is_t2t(name: str) -> bool:
-    import t2t_vit
-
-    return name in t2t_vit.list_models()
-
-
-def check_model(cfg: Any) -> None:
+def check_model(cfg: Any, finetune: ModelSource | None, teacher: ModelSource | None) -> None:
     """A known model name, model arguments it takes, and (T2T-ViT) an input size its stem can tokenise;
-    fills in ``img_size``/``stem`` from the model's registration where they are None."""
+    fills in ``img_size``/``stem`` from the model's registration where they are None. ``finetune`` and
+    ``teacher`` are ``cfg.finetune`` and ``cfg.teacher`` as parsed (None when not given)."""
     import timm
 
     import t2t_vit
 
-    tag = pretrained_tag(cfg.finetune) if cfg.finetune and not os.path.isfile(cfg.finetune) else None
-    if tag and tag[0] != cfg.model:
-        raise T2TViTError(f"--finetune {cfg.finetune} holds a {tag[0]} but --model is {cfg.model}")
-    if is_t2t(cfg.model):
+    if finetune is not None and finetune.kind == "tag" and finetune.model != cfg.model:
+        raise T2TViTError(f"--finetune {cfg.finetune} holds a {finetune.model} but --model is {cfg.model}")
+    if is_t2t_vit(cfg.model):
         _check_t2t(cfg)
     elif timm.is_model(cfg.model):
         if cfg.img_size is None:
@@ -237,9 +236,9 @@ def check_model(cfg: Any) -> None:
         cfg.img_size = cfg.img_size[0]
     if isinstance(cfg.img_size, list) and cfg.img_size[0] == cfg.img_size[1]:
         cfg.img_size = cfg.img_size[0]
-    teacher = cfg.teacher
-    if teacher and not os.path.exists(teacher) and not is_t2t(teacher) and not timm.is_model(teacher):
-        raise T2TViTError(f"--teacher {teacher!r} is neither an existing checkpoint file nor a known model name")
+    if teacher is not None and teacher.kind == "name" and not os.path.exists(teacher.text) and \
+            not is_t2t_vit(teacher.model) and not timm.is_model(teacher.model):
+        raise T2TViTError(f"--teacher {teacher.text!r} is neither an existing checkpoint file nor a known model name")
 
 
 def _check_t2t(cfg: Any) -> None:

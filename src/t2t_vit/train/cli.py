@@ -1,5 +1,6 @@
 """`t2t-vit train` and `t2t-vit eval`. Every TrainConfig field is a flag (``--batch-size`` for
-``batch_size``; booleans also take ``--no-...``); flags override ``--config FILE``."""
+``batch_size``; booleans also take ``--no-...``), its help and choices read from the field's rules
+(``train/config.py``); flags override ``--config FILE``."""
 from __future__ import annotations
 
 import argparse
@@ -10,38 +11,15 @@ import time
 from t2t_vit.cli_args import add_model_args, add_runtime_args
 from t2t_vit.errors import T2TViTError, check_range
 from t2t_vit.model import to_2tuple_size
+from t2t_vit.modelsource import ModelSource
 from t2t_vit.precision import PRECISIONS
-from t2t_vit.train.checks import pretrained_tag, read_yaml
+from t2t_vit.train.checks import read_yaml, rules
 from t2t_vit.train.config import DEMO_RECIPE, FIELD_TYPES, FIELDS, TrainConfig, list_recipes, load_config
-
-HELP = {
-    "data": "'digits' (built in), an ImageFolder root with train/ and val/, a CIFAR-10/100 python folder, "
-            "hfds/<HF dataset folder or name> or wds/<WebDataset shard folder or pattern> (docs/data.md)",
-    "model": "a T2T-ViT name (t2t-vit profile --all) or any timm model, built as registered "
-             "(without --config and --model: the digits demo recipe)",
-    "model_kwargs": "extra model arguments as YAML/JSON, e.g. '{embed_dim: 128, depth: 4}'",
-    "img_size": "input size: 32 or 224 or H,W (default: the model's registered size)",
-    "stem": "T2T-ViT soft-split schedule: imagenet or small (default: the model's own)",
-    "workers": "loader processes (default: 0 for in-memory data sets, else up to 8; never more than the CPUs)",
-    "finetune": "start from a checkpoint file, or from a pretrained tag such as t2t_vit_14.in1k",
-    "batch_size": "images per process and micro-step",
-    "resume": "a checkpoint, a run directory, or 'auto' (the last checkpoint of --output)",
-    "output": "run directory (default runs/<model>-<data>-<timestamp>)",
-    "max_steps": "stop after this many optimizer steps",
-    "augment": "--no-augment turns off random crops, flips, RandAugment, erasing, mixup/cutmix and smoothing",
-    "teacher": "distillation teacher: one of our checkpoints, or a model name (+ --teacher-checkpoint)",
-    "body_lr_scale": "lr of all but the classifier = lr × this (the paper's transfer recipe uses 0.01)",
-    "t2t_lr_scale": "lr of the tokenizer (T2T module) = its group's lr × this (small-data studies)",
-    "t2t_warmup_epochs": "extra linear warm-up of the tokenizer's lr, in epochs, on top of the shared schedule",
-    "drop_path": "stochastic depth rate",
-    "preempt_signals": "signals (and always SIGINT) that stop the run after the current step, save checkpoint-last "
-                       "and exit 128+signal number (143 TERM, 138 USR1); 'none' for none",
-}
 
 
 def _parse_value(kind: type, text: str):
     """Strings stay strings ("none" → None); other values are read as YAML (numbers, lists, mappings);
-    TrainConfig.validate() then checks and converts the types."""
+    ValidConfig then checks and converts the types."""
     if kind is str:
         return None if text.lower() in ("none", "null") else text
     return read_yaml(text, f"the value {text!r}")
@@ -51,7 +29,8 @@ def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> Non
     """One flag per field; values stay text here and are read in :func:`flag_values`, where a bad
     value becomes the usual one-line error."""
     flag = "--" + field.name.replace("_", "-")
-    hint = HELP.get(field.name, "")
+    rule = rules(field)
+    hint = "; ".join(text for text in (rule.help, rule.choices and "one of " + ", ".join(rule.choices)) if text)
     default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
     text = f"{hint} (default: {default})" if hint else f"default: {default}"
     if field.type in ("bool", bool):
@@ -107,15 +86,15 @@ def register(subparsers) -> None:
     e.set_defaults(func=run_eval)
 
 
-def base_recipe(args: argparse.Namespace) -> str | None:
+def base_recipe(args: argparse.Namespace, finetune: ModelSource | None = None) -> str | None:
     """``--config``; else, when resuming, the run's own config.yaml; else the demo recipe when no model
-    is named (``--model`` or a pretrained tag)."""
+    is named (``--model``, or a pretrained tag as ``finetune``, the parsed ``--finetune``)."""
     if args.config or args.model:
         return args.config
     saved = _resumed_run_config(args)
     if saved:
         return saved
-    if args.finetune and pretrained_tag(args.finetune):
+    if finetune is not None and finetune.kind == "tag":
         return None
     return DEMO_RECIPE
 
@@ -134,10 +113,12 @@ def _resumed_run_config(args: argparse.Namespace) -> str | None:
 
 def run_train(args: argparse.Namespace) -> int:
     overrides = flag_values(args)
-    tag = pretrained_tag(args.finetune) if args.finetune and not args.model and not args.config else None
-    if tag:
-        overrides["model"] = tag[0]  # --finetune t2t_vit_14.in1k alone trains a t2t_vit_14
-    cfg = load_config(base_recipe(args), overrides)
+    finetune = ModelSource.parse(overrides["finetune"]) if overrides.get("finetune") is not None else None
+    if finetune is not None:
+        overrides["finetune"] = finetune  # parsed here, once: the config keeps this value
+        if finetune.kind == "tag" and not args.model and not args.config:
+            overrides["model"] = finetune.model  # --finetune t2t_vit_14.in1k alone trains a t2t_vit_14
+    cfg = load_config(base_recipe(args, finetune), overrides)
     from t2t_vit.train.engine import train
 
     train(cfg)

@@ -2,14 +2,12 @@
 hard (cross-entropy on the teacher's argmax) term, weighted by alpha, to the student's loss."""
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from t2t_vit.errors import T2TViTError
-from t2t_vit.train.config import TrainConfig
+from t2t_vit.train.config import ValidConfig
 
 
 class DistillationLoss(nn.Module):
@@ -32,14 +30,14 @@ class DistillationLoss(nn.Module):
         return (1 - self.alpha) * base + self.alpha * kd
 
 
-def build_teacher(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.Module:
+def build_teacher(cfg: ValidConfig, num_classes: int, device: torch.device) -> nn.Module:
     """The teacher from one of our checkpoints (architecture read from its metadata), or a model
     name with optional ``teacher_checkpoint``; frozen and in eval mode."""
     from t2t_vit.checkpoint import load_checkpoint
     from t2t_vit.checkpoint import model_from_checkpoint
     from t2t_vit.train.recipe import build_model
 
-    if os.path.isfile(cfg.teacher):
+    if cfg.teacher_source.kind == "file":
         teacher = model_from_checkpoint(cfg.teacher)
     else:
         teacher = build_model(cfg, num_classes, name=cfg.teacher, kwargs={})

@@ -19,6 +19,7 @@ import torch
 
 from t2t_vit.errors import MissingDependency, T2TViTError, require
 from t2t_vit.storage import atomic_write
+from t2t_vit.table import is_t2t_vit
 from t2t_vit.train import preempt, recipe, report, rundir, state as ckpt
 from t2t_vit.train.build import Parts, build
 from t2t_vit.train.config import TrainConfig
@@ -30,9 +31,11 @@ from t2t_vit.train.evaluate import evaluate
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train as ``cfg`` says; returns the dict also written to ``<output>/metrics.json``.
 
-    Works in one process and under ``torchrun`` (DDP; rank 0 writes every file).
+    Works in one process and under ``torchrun`` (DDP; rank 0 writes every file). A plain
+    :class:`TrainConfig` is validated here; a :class:`~t2t_vit.train.config.ValidConfig` (from
+    :func:`~t2t_vit.train.config.load_config` or the command line) was validated when it was built.
     """
-    cfg.validate()
+    cfg = cfg.validate()
     world = init_world(cfg.device)
     try:
         log = report.Progress(world.is_main, cfg.log_every)
@@ -262,9 +265,8 @@ class Run:
     # ---- checkpoints ---------------------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
         cfg, parts = self.cfg, self.parts
-        is_t2t = cfg.model in __import__("t2t_vit").list_models()
         return dict(model=cfg.model, model_kwargs=cfg.model_kwargs, num_classes=str(parts.num_classes),
-                    img_size=cfg.img_size, stem=cfg.stem if is_t2t else "", class_names=parts.class_names,
+                    img_size=cfg.img_size, stem=cfg.stem if is_t2t_vit(cfg.model) else "", class_names=parts.class_names,
                     preferred=self.preferred(), step=str(self.counters.step), data_config=parts.data_config,
                     dataset=str(cfg.data))
 

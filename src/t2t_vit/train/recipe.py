@@ -13,6 +13,7 @@ from torch import nn
 
 import t2t_vit
 from t2t_vit.errors import T2TViTError
+from t2t_vit.table import is_t2t_vit
 from t2t_vit.train.config import TrainConfig
 
 
@@ -29,7 +30,7 @@ def build_model(cfg: TrainConfig, num_classes: int, name: str | None = None, kwa
     kwargs = dict(cfg.model_kwargs if kwargs is None else kwargs)
     if cfg.drop_path:
         kwargs.setdefault("drop_path_rate", cfg.drop_path)
-    if name in t2t_vit.list_models():
+    if is_t2t_vit(name):
         kwargs.setdefault("drop_path_rate", cfg.drop_path)
         if cfg.stem is not None:
             kwargs.setdefault("stem", cfg.stem)
