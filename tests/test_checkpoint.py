@@ -305,6 +305,20 @@ def test_convert_cli(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_checkpoint_metadata_comes_from_the_one_field_table(tmp_path):
+    """Every writer's metadata is built by metadata.checkpoint_metadata: our format, the table's names and order."""
+    from t2t_vit.metadata import FIELDS, FORMAT, checkpoint_metadata
+
+    meta = checkpoint_metadata(step=3, class_names=["a"], model="m")
+    assert list(meta) == ["format", "model", "class_names", "step"] and meta["format"] == FORMAT
+    with pytest.raises(TypeError, match="modle"):
+        checkpoint_metadata(modle="m")
+    save_pretrained(small_model(seed=16), tmp_path / "pretrained")
+    with safetensors.safe_open(str(tmp_path / "pretrained" / "model.safetensors"), "pt") as f:
+        written = f.metadata()
+    assert written["format"] == FORMAT and set(written) <= set(FIELDS)
+
+
 def test_no_import_cycle_in_src():
     """No module imports (at any depth, lazily or not) a module that imports it back."""
     import ast

@@ -35,7 +35,6 @@ from t2t_vit.storage import EMA_PREFIX, save_weights  # noqa: F401 (re-exported)
 from t2t_vit.table import VARIANTS
 from t2t_vit.variants import checkpoint_filter_fn, likely_variants  # noqa: F401 (re-exported)
 
-FORMAT = "t2t-vit"
 _AUTHORS = ("authors", "authors-cifar", "state_dict", "unknown")
 
 

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from t2t_vit.metadata import FORMAT
 from t2t_vit.reading import read_checkpoint
 from t2t_vit.storage import atomic_write, encode_metadata
 
@@ -43,7 +44,7 @@ def pretrained_cfg_fields(meta: Mapping[str, Any]) -> dict[str, Any]:
     fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in _DATA_FIELDS}
     if meta.get("class_names"):
         fields["label_names"] = tuple(meta["class_names"])
-    if meta.get("format") == "t2t-vit":
+    if meta.get("format") == FORMAT:
         fields.update(tag=data_tag(meta.get("dataset")), url="", hf_hub_id=None, origin_url=None, license=None,
                       notes=(f"trained with t2t-vit on {meta['dataset']}",) if meta.get("dataset") else ())
     return fields
