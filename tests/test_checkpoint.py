@@ -15,9 +15,11 @@ import torch
 
 import t2t_vit
 from t2t_vit import cli
-from t2t_vit.checkpoint import load_checkpoint, read_metadata, read_state_dict, save_weights
+from t2t_vit.checkpoint import load_checkpoint
 from t2t_vit.errors import T2TViTError
 from t2t_vit.pretrained import convert, from_pretrained, save_pretrained
+from t2t_vit.reading import read_metadata, read_state_dict
+from t2t_vit.storage import save_weights
 
 torch.set_num_threads(1)
 SMALL = dict(img_size=32, stem="small")
@@ -174,7 +176,7 @@ def test_head_replaced_on_class_count_change(tmp_path, images, caplog):
     path = save_weights(src, tmp_path / "ten.safetensors")
     dst = small_model(num_classes=5, seed=11)
     fresh_head = dst.head.weight.detach().clone()
-    with caplog.at_level(logging.WARNING, logger="t2t_vit.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="t2t_vit.adapting"):
         report = load_checkpoint(dst, path)
     assert report.replaced_head == (10, 5)
     assert [r.getMessage() for r in caplog.records] == [
@@ -380,7 +382,7 @@ def test_three_channel_checkpoint_fits_a_grey_model(name):
     """timm's ``in_chans`` convention: a 3-channel checkpoint loads into a 1-channel model by
     summing the first layer's channel blocks, so a grey image gives what the RGB model gives for
     that image repeated into three channels; other channel counts load too."""
-    from t2t_vit.checkpoint import adapt_state_dict
+    from t2t_vit.adapting import adapt_state_dict
 
     torch.manual_seed(0)
     kwargs = dict(num_classes=5, depth=1)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from t2t_vit.checkpoint import read_metadata
+from t2t_vit.reading import read_metadata
 from t2t_vit.errors import T2TViTError
 from t2t_vit.train.preempt import parse_signals
 from test_train_e2e import TINY, assert_same, cli, env, weights

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from t2t_vit.train import TrainConfig, train
-from t2t_vit.checkpoint import read_metadata
+from t2t_vit.reading import read_metadata
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY = ["--model", "t2t_vit_7", "--model-kwargs", "{embed_dim: 64, depth: 2, num_heads: 2, token_dim: 16}",

@@ -10,15 +10,15 @@ from typing import Any
 import timm
 from timm.models import split_model_name_tag
 
-from t2t_vit.checkpoint import (
-    LoadReport, adapt_state_dict, load_checkpoint, model_from_checkpoint, read_checkpoint, read_metadata,
-    read_state_dict, save_weights,
-)
+from t2t_vit.adapting import LoadReport, adapt_state_dict
+from t2t_vit.checkpoint import load_checkpoint, model_from_checkpoint
 from t2t_vit.errors import T2TViTError, did_you_mean
 from t2t_vit.interop import checkpoint_defaults
 from t2t_vit.model import T2TViT
 from t2t_vit.pretrained import from_pretrained, save_pretrained
 from t2t_vit.precision import for_inference
+from t2t_vit.reading import read_checkpoint, read_metadata, read_state_dict
+from t2t_vit.storage import save_weights
 from t2t_vit.switchboard import attention_kernels, configure, reference_formulation
 from t2t_vit.variants import VARIANTS, list_models
 

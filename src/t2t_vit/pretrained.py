@@ -15,13 +15,12 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from t2t_vit.checkpoint import (
-    WEIGHTS_NAME, build_from_checkpoint, checkpoint_model_kwargs, create_checked, load_checkpoint, save_weights,
-)
+from t2t_vit.checkpoint import build_from_checkpoint, checkpoint_model_kwargs, create_checked, load_checkpoint
 from t2t_vit.errors import T2TViTError
-from t2t_vit.reading import FOLDER_WEIGHTS
+from t2t_vit.reading import FOLDER_WEIGHTS, WEIGHTS_NAME
 from t2t_vit.metadata import check_data_config, check_model_kwargs, check_model_name, checkpoint_metadata
 from t2t_vit.modelguard import names_a_source
+from t2t_vit.storage import save_weights
 
 CONFIG_NAME = "config.json"
 _DATA_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")

@@ -26,10 +26,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from t2t_vit.checkpoint import read_metadata, split_ema
 from t2t_vit.errors import T2TViTError
 from t2t_vit.interop import save_timm_checkpoint, timm_path
-from t2t_vit.reading import check_zip_bounds
+from t2t_vit.reading import check_zip_bounds, read_metadata, split_ema
 from t2t_vit.storage import atomic_write, save_weights
 
 def rng_state() -> dict[str, Any]:
