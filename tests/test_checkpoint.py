@@ -271,6 +271,32 @@ def test_timm_pretrained_file_path(tmp_path, images):
         timm.create_model("t2t_vit_10", pretrained=True, pretrained_cfg_overlay=dict(file=str(ours)), **SMALL)
 
 
+@pytest.mark.parametrize("kind", ["authors", "ours"])
+def test_a_local_file_is_read_once_before_the_model_is_built(tmp_path, monkeypatch, images, kind):
+    """``pretrained_cfg_overlay=dict(file=)`` and ``checkpoint_path=``: our code reads the file once
+    (its defaults, the metadata screen and timm's filter share that read); timm's own load is the other."""
+    from t2t_vit import reading
+
+    model = small_model(seed=17)
+    if kind == "authors":
+        path = tmp_path / "authors.pth.tar"
+        torch.save(authors_layout(model, model), path)
+        reader = "torch_load_safe"  # the whole pickle is unpickled on each read
+    else:
+        path = save_weights(model, tmp_path / "ours.safetensors", metadata={"format": "t2t-vit", "preferred": "model"})
+        reader = "safe_open"  # the header (metadata) of a safetensors file
+    reads = []
+    real = getattr(reading, reader)
+    monkeypatch.setattr(reading, reader, lambda *args, **kwargs: reads.append(args[0]) or real(*args, **kwargs))
+    loaded = timm.create_model("t2t_vit_7", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **SMALL)
+    assert len(reads) == 1, reads
+    torch.testing.assert_close(logits(loaded, images), logits(model, images), rtol=0, atol=0)
+    reads.clear()
+    loaded = t2t_vit.create_model("t2t_vit_7", checkpoint_path=str(path), **SMALL)
+    assert len(reads) == 1, reads
+    torch.testing.assert_close(logits(loaded, images), logits(model, images), rtol=0, atol=0)
+
+
 def test_save_pretrained_loads_in_ours_and_timm(tmp_path, images):
     src = small_model(seed=14)
     names = [f"class_{i}" for i in range(10)]

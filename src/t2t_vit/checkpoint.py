@@ -42,7 +42,14 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
     line naming the missing, unexpected and mismatched keys and the likely cause;
     ``strict=False`` loads what fits instead.
     """
-    state_dict, source, meta = read_checkpoint(path, use_ema)
+    return load_read(model, read_checkpoint(path, use_ema), path, strict=strict, new_head=new_head)
+
+
+def load_read(model: nn.Module, read: tuple[Mapping[str, Tensor], str, Mapping[str, Any]], path: Any,
+              strict: bool = True, new_head: bool = True) -> LoadReport:
+    """:func:`load_checkpoint` for a file already read (``read`` as :func:`t2t_vit.reading.read_checkpoint`
+    returns it), so a caller that needed its metadata first does not read it twice."""
+    state_dict, source, meta = read
     report = LoadReport(path=str(path), source=source)
     return load_adapted(model, state_dict, meta, report, strict=strict, new_head=new_head, guess=likely_variants)
 
