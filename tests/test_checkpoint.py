@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -347,57 +346,8 @@ def test_checkpoint_metadata_comes_from_the_one_field_table(tmp_path):
     assert written["format"] == FORMAT and set(written) <= set(FIELDS)
 
 
-def test_no_import_cycle_in_src():
-    """No module imports (at any depth, lazily or not) a module that imports it back."""
-    import ast
-    from pathlib import Path
-
-    src = Path(__file__).resolve().parents[1] / "src"
-    graph: dict[str, set[str]] = {}
-    for file in src.rglob("*.py"):
-        module = ".".join(file.relative_to(src).with_suffix("").parts).removesuffix(".__init__")
-        deps = set()
-        for node in ast.walk(ast.parse(file.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("t2t_vit."):
-                deps.add(node.module)
-            elif isinstance(node, ast.Import):
-                deps.update(a.name for a in node.names if a.name.startswith("t2t_vit."))
-        graph[module] = deps - {module}
-
-    def reaches(start: str, goal: str, seen: set[str]) -> bool:
-        for dep in graph.get(start, ()):
-            if dep == goal or (dep not in seen and not seen.add(dep) and reaches(dep, goal, seen)):
-                return True
-        return False
-
-    loading = ["t2t_vit.reading", "t2t_vit.metadata", "t2t_vit.adapting", "t2t_vit.checkpoint", "t2t_vit.hub",
-               "t2t_vit.variants", "t2t_vit.pretrained", "t2t_vit.storage", "t2t_vit.modelguard"]
-    assert [m for m in loading if reaches(m, m, set())] == []
-
-
-CORE = {"t2t_vit.layers", "t2t_vit.t2t", "t2t_vit.blocks", "t2t_vit.model", "t2t_vit.switchboard",
-        "t2t_vit.table", "t2t_vit.errors", "t2t_vit.tokenizers", "t2t_vit.precision"}
-
-
-def test_core_modules_import_only_the_core():
-    """docs/architecture.md: the core (the paper's modules and the model table) imports nothing
-    outside it, so the table can be read without the loading ring (downloads, timm registration)."""
-    import ast
-
-    src = Path(__file__).resolve().parents[1] / "src" / "t2t_vit"
-    outside = {}
-    for module in sorted(CORE):
-        tree = ast.parse((src / (module.split(".")[1] + ".py")).read_text())
-        deps = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
-                and node.module.startswith("t2t_vit")}
-        deps |= {f"t2t_vit.{a.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                 and node.module == "t2t_vit" for a in node.names}
-        deps |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names
-                 if a.name.startswith("t2t_vit")}
-        deps.discard("t2t_vit")
-        if deps - CORE:
-            outside[module] = sorted(deps - CORE)
-    assert outside == {}
+def test_the_registered_models_are_the_core_table():
+    """variants registers table.VARIANTS itself (the core's table, no copy), every row of it."""
     from t2t_vit.table import VARIANTS
     from t2t_vit.variants import VARIANTS as registered
     assert registered is VARIANTS and set(VARIANTS) == set(t2t_vit.list_models())
