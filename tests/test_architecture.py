@@ -110,3 +110,20 @@ def test_no_module_imports_a_higher_layer(file):
     assert upward == [], (f"{here} ({LAYER_NAMES[layer_of(here)]}) imports higher layers: "
                           + ", ".join(f"{m} ({LAYER_NAMES[layer_of(m)]})" for m in upward))
 
+
+
+def test_no_module_imports_a_module_that_imports_it_back():
+    """No cycle: no module of the base, core or loading layers reaches itself through its imports
+    (every form, lazy ones included). Higher layers import the package (``import t2t_vit``), which
+    imports the loading layer, so a cycle there would show up as one through a lower layer."""
+    exports = package_exports()
+    graph = {module_name(f): imported_modules(f, exports) for f in all_modules()}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for dep in graph.get(start, ()):
+            if dep == goal or (dep not in seen and not seen.add(dep) and reaches(dep, goal, seen)):
+                return True
+        return False
+
+    lower = [m for m in graph if layer_of(m) <= LAYER_NAMES.index("loading")]
+    assert [m for m in lower if reaches(m, m, set())] == []

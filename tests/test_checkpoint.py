@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +14,11 @@ import torch
 
 import t2t_vit
 from t2t_vit import cli
-from t2t_vit.checkpoint import load_checkpoint, read_metadata, read_state_dict, save_weights
+from t2t_vit.checkpoint import load_checkpoint
 from t2t_vit.errors import T2TViTError
 from t2t_vit.pretrained import convert, from_pretrained, save_pretrained
+from t2t_vit.reading import read_metadata, read_state_dict
+from t2t_vit.storage import save_weights
 
 torch.set_num_threads(1)
 SMALL = dict(img_size=32, stem="small")
@@ -174,7 +175,7 @@ def test_head_replaced_on_class_count_change(tmp_path, images, caplog):
     path = save_weights(src, tmp_path / "ten.safetensors")
     dst = small_model(num_classes=5, seed=11)
     fresh_head = dst.head.weight.detach().clone()
-    with caplog.at_level(logging.WARNING, logger="t2t_vit.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="t2t_vit.adapting"):
         report = load_checkpoint(dst, path)
     assert report.replaced_head == (10, 5)
     assert [r.getMessage() for r in caplog.records] == [
@@ -269,6 +270,32 @@ def test_timm_pretrained_file_path(tmp_path, images):
         timm.create_model("t2t_vit_10", pretrained=True, pretrained_cfg_overlay=dict(file=str(ours)), **SMALL)
 
 
+@pytest.mark.parametrize("kind", ["authors", "ours"])
+def test_a_local_file_is_read_once_before_the_model_is_built(tmp_path, monkeypatch, images, kind):
+    """``pretrained_cfg_overlay=dict(file=)`` and ``checkpoint_path=``: our code reads the file once
+    (its defaults, the metadata screen and timm's filter share that read); timm's own load is the other."""
+    from t2t_vit import reading
+
+    model = small_model(seed=17)
+    if kind == "authors":
+        path = tmp_path / "authors.pth.tar"
+        torch.save(authors_layout(model, model), path)
+        reader = "torch_load_safe"  # the whole pickle is unpickled on each read
+    else:
+        path = save_weights(model, tmp_path / "ours.safetensors", metadata={"format": "t2t-vit", "preferred": "model"})
+        reader = "safe_open"  # the header (metadata) of a safetensors file
+    reads = []
+    real = getattr(reading, reader)
+    monkeypatch.setattr(reading, reader, lambda *args, **kwargs: reads.append(args[0]) or real(*args, **kwargs))
+    loaded = timm.create_model("t2t_vit_7", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **SMALL)
+    assert len(reads) == 1, reads
+    torch.testing.assert_close(logits(loaded, images), logits(model, images), rtol=0, atol=0)
+    reads.clear()
+    loaded = t2t_vit.create_model("t2t_vit_7", checkpoint_path=str(path), **SMALL)
+    assert len(reads) == 1, reads
+    torch.testing.assert_close(logits(loaded, images), logits(model, images), rtol=0, atol=0)
+
+
 def test_save_pretrained_loads_in_ours_and_timm(tmp_path, images):
     src = small_model(seed=14)
     names = [f"class_{i}" for i in range(10)]
@@ -305,57 +332,22 @@ def test_convert_cli(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_no_import_cycle_in_src():
-    """No module imports (at any depth, lazily or not) a module that imports it back."""
-    import ast
-    from pathlib import Path
+def test_checkpoint_metadata_comes_from_the_one_field_table(tmp_path):
+    """Every writer's metadata is built by metadata.checkpoint_metadata: our format, the table's names and order."""
+    from t2t_vit.metadata import FIELDS, FORMAT, checkpoint_metadata
 
-    src = Path(__file__).resolve().parents[1] / "src"
-    graph: dict[str, set[str]] = {}
-    for file in src.rglob("*.py"):
-        module = ".".join(file.relative_to(src).with_suffix("").parts).removesuffix(".__init__")
-        deps = set()
-        for node in ast.walk(ast.parse(file.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("t2t_vit."):
-                deps.add(node.module)
-            elif isinstance(node, ast.Import):
-                deps.update(a.name for a in node.names if a.name.startswith("t2t_vit."))
-        graph[module] = deps - {module}
-
-    def reaches(start: str, goal: str, seen: set[str]) -> bool:
-        for dep in graph.get(start, ()):
-            if dep == goal or (dep not in seen and not seen.add(dep) and reaches(dep, goal, seen)):
-                return True
-        return False
-
-    loading = ["t2t_vit.reading", "t2t_vit.metadata", "t2t_vit.adapting", "t2t_vit.checkpoint", "t2t_vit.hub",
-               "t2t_vit.variants", "t2t_vit.pretrained", "t2t_vit.storage", "t2t_vit.modelguard"]
-    assert [m for m in loading if reaches(m, m, set())] == []
+    meta = checkpoint_metadata(step=3, class_names=["a"], model="m")
+    assert list(meta) == ["format", "model", "class_names", "step"] and meta["format"] == FORMAT
+    with pytest.raises(TypeError, match="modle"):
+        checkpoint_metadata(modle="m")
+    save_pretrained(small_model(seed=16), tmp_path / "pretrained")
+    with safetensors.safe_open(str(tmp_path / "pretrained" / "model.safetensors"), "pt") as f:
+        written = f.metadata()
+    assert written["format"] == FORMAT and set(written) <= set(FIELDS)
 
 
-CORE = {"t2t_vit.layers", "t2t_vit.t2t", "t2t_vit.blocks", "t2t_vit.model", "t2t_vit.switchboard",
-        "t2t_vit.table", "t2t_vit.errors", "t2t_vit.tokenizers", "t2t_vit.precision"}
-
-
-def test_core_modules_import_only_the_core():
-    """docs/architecture.md: the core (the paper's modules and the model table) imports nothing
-    outside it, so the table can be read without the loading ring (downloads, timm registration)."""
-    import ast
-
-    src = Path(__file__).resolve().parents[1] / "src" / "t2t_vit"
-    outside = {}
-    for module in sorted(CORE):
-        tree = ast.parse((src / (module.split(".")[1] + ".py")).read_text())
-        deps = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
-                and node.module.startswith("t2t_vit")}
-        deps |= {f"t2t_vit.{a.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                 and node.module == "t2t_vit" for a in node.names}
-        deps |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names
-                 if a.name.startswith("t2t_vit")}
-        deps.discard("t2t_vit")
-        if deps - CORE:
-            outside[module] = sorted(deps - CORE)
-    assert outside == {}
+def test_the_registered_models_are_the_core_table():
+    """variants registers table.VARIANTS itself (the core's table, no copy), every row of it."""
     from t2t_vit.table import VARIANTS
     from t2t_vit.variants import VARIANTS as registered
     assert registered is VARIANTS and set(VARIANTS) == set(t2t_vit.list_models())
@@ -366,7 +358,7 @@ def test_three_channel_checkpoint_fits_a_grey_model(name):
     """timm's ``in_chans`` convention: a 3-channel checkpoint loads into a 1-channel model by
     summing the first layer's channel blocks, so a grey image gives what the RGB model gives for
     that image repeated into three channels; other channel counts load too."""
-    from t2t_vit.checkpoint import adapt_state_dict
+    from t2t_vit.adapting import adapt_state_dict
 
     torch.manual_seed(0)
     kwargs = dict(num_classes=5, depth=1)

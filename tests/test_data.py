@@ -13,7 +13,7 @@ import torch
 
 from t2t_vit.data import create_datasets, default_augment
 from t2t_vit.errors import T2TViTError
-from test_data_folder import _rgb
+from helpers import rgb
 
 torch.set_num_threads(1)
 
@@ -195,7 +195,7 @@ def test_our_randaugment_is_timms_own_and_posterizes_to_zero_bits():
     op = next(o for o in augment.ops if o.name == "PosterizeIncreasing")
     assert op.aug_fn is auto_augment.posterize
     op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
-    out = np.asarray(op(_rgb(0)))
+    out = np.asarray(op(rgb(0)))
     assert out.shape == (30, 40, 3) and (out == 0).all()
 
 

@@ -15,6 +15,8 @@ from t2t_vit.data import create_datasets, default_augment
 from t2t_vit.data.folder import check_image, load_image
 from t2t_vit.errors import T2TViTError
 
+from helpers import rgb
+
 torch.set_num_threads(1)
 
 
@@ -27,10 +29,6 @@ def _save(path: Path, img: Image.Image, **kw) -> Path:
     return path
 
 
-def _rgb(seed: int, size=(40, 30)) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-
-
 def _truncate(path: Path) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -41,7 +39,7 @@ def _good_folder(root: Path, classes=("cat", "dog"), per_class=2):
     for split in ("train", "val"):
         for c in classes:
             for i in range(per_class):
-                _save(root / split / c / f"{i}.png", _rgb(hash((split, c, i)) % 1000))
+                _save(root / split / c / f"{i}.png", rgb(hash((split, c, i)) % 1000))
 
 
 @pytest.fixture()
@@ -50,19 +48,19 @@ def messy(tmp_path, monkeypatch):
     root = tmp_path / "messy"
     t = root / "train"
     good = {
-        _save(t / "cat" / "rgb.jpg", _rgb(1)),
-        _save(t / "cat" / "gray.png", _rgb(2).convert("L")),
-        _save(t / "cat" / "cmyk.jpg", _rgb(3).convert("CMYK")),
-        _save(t / "dog" / "palette.png", _rgb(4).convert("P"), transparency=0),
+        _save(t / "cat" / "rgb.jpg", rgb(1)),
+        _save(t / "cat" / "gray.png", rgb(2).convert("L")),
+        _save(t / "cat" / "cmyk.jpg", rgb(3).convert("CMYK")),
+        _save(t / "dog" / "palette.png", rgb(4).convert("P"), transparency=0),
         _save(t / "dog" / "sixteen.png", Image.fromarray(np.tile(np.array([0, 25700, 65535], np.uint16), (20, 10)))),
-        _save(t / "dog" / "nested" / "UPPER.JPEG", _rgb(5)),
+        _save(t / "dog" / "nested" / "UPPER.JPEG", rgb(5)),
     }
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
-    good.add(_save(t / "dog" / "rotated.jpg", _rgb(6, (40, 20)), exif=exif))
+    good.add(_save(t / "dog" / "rotated.jpg", rgb(6, (40, 20)), exif=exif))
     bad = {
-        _truncate(_save(t / "cat" / "truncated.jpg", _rgb(7, (64, 64)), quality=95)): "truncated JPEG",
-        _truncate(_save(t / "dog" / "truncated.png", _rgb(8, (64, 64)))): "truncated PNG",
+        _truncate(_save(t / "cat" / "truncated.jpg", rgb(7, (64, 64)), quality=95)): "truncated JPEG",
+        _truncate(_save(t / "dog" / "truncated.png", rgb(8, (64, 64)))): "truncated PNG",
         _save(t / "cat" / "bomb.png", Image.new("1", (10_000, 10_000))): "image too large",
         t / "unreadable" / "x.png": "unreadable",
         t / "empty": "empty class folder",
@@ -73,8 +71,8 @@ def messy(tmp_path, monkeypatch):
     (t / "dog" / "zero.png").write_bytes(b"")
     bad[t / "dog" / "zero.png"] = "not an image"
     (t / "empty").mkdir()
-    _save(t / "stray.jpg", _rgb(9))
-    _save(t / "unreadable" / "x.png", _rgb(10))
+    _save(t / "stray.jpg", rgb(9))
+    _save(t / "unreadable" / "x.png", rgb(10))
     (t / "cat" / "README.txt").write_text("ignored: not an image extension")
     (t / "cat" / ".hidden.jpg").write_text("ignored: hidden")
     # an unreadable class folder: by permissions, and by patching scandir when running as root
@@ -89,7 +87,7 @@ def messy(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "scandir", scandir)
     bad[t / "unreadable"] = bad.pop(t / "unreadable" / "x.png")
     for c in ("cat", "dog", "empty", "unreadable"):
-        _save(root / "val" / c / "v.png", _rgb(11))
+        _save(root / "val" / c / "v.png", rgb(11))
     yield root, {str(p) for p in good}, {str(p): r for p, r in bad.items()}
     os.chmod(t / "unreadable", 0o755)
 
@@ -127,7 +125,7 @@ def test_odd_images_convert_correctly(messy):
 
 def test_load_time_failure_is_replaced_within_class(tmp_path, caplog):
     _good_folder(tmp_path, per_class=3)
-    bad = _truncate(_save(tmp_path / "train" / "dog" / "1a.jpg", _rgb(1, (64, 64))))
+    bad = _truncate(_save(tmp_path / "train" / "dog" / "1a.jpg", rgb(1, (64, 64))))
     b = create_datasets(str(tmp_path), 16, None, verify="none")  # scan does not look inside files
     i = [p for p, _ in b.train.samples].index(str(bad))
     with caplog.at_level(logging.WARNING, logger="t2t_vit.data"):

@@ -83,15 +83,22 @@ def test_ablation_runs_resumes_and_writes_outputs(tmp_path):
     assert calls[8:] == [("resnet10t", 1, "auto")]
 
 
-def test_cli_parses_and_rejects_unknown_arm(tmp_path):
+def test_cli_parses_and_rejects_unknown_arm(tmp_path, monkeypatch):
     parser = argparse.ArgumentParser()
     experiment.register(parser.add_subparsers())
-    args = parser.parse_args(["experiment", "ablation", "--data", "digits", "--output", str(tmp_path), "--arms", "nope"])
-    assert args.seeds == "3" and args.func is experiment._cmd_ablation
-    assert experiment._seeds("3") == 3 and experiment._seeds("1,2") == [1, 2]
-    with pytest.raises(experiment.T2TViTError, match="--seeds"):
-        experiment._seeds("x")
+    command = ["experiment", "ablation", "--data", "digits", "--output", str(tmp_path)]
+    args = parser.parse_args([*command, "--arms", "nope"])
+    assert args.seeds == "3"
     with pytest.raises(experiment.T2TViTError, match="unknown arm"):
+        args.func(args)
+    seeds = []  # --seeds is a count or a list of seeds by the time the experiment runs
+    monkeypatch.setattr(experiment, "run_ablation", lambda *a, **k: seeds.append(k["seeds"]))
+    for text in ("3", "1,2"):
+        args = parser.parse_args([*command, "--seeds", text])
+        assert args.func(args) == 0
+    assert seeds == [3, [1, 2]]
+    with pytest.raises(experiment.T2TViTError, match="--seeds"):
+        args = parser.parse_args([*command, "--seeds", "x"])
         args.func(args)
 
 

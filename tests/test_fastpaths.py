@@ -24,14 +24,9 @@ from t2t_vit.layers import Attention
 from t2t_vit.switchboard import choices_of, configure, reference_formulation
 from t2t_vit.t2t import SoftSplit, TokenPerformer, performer_features
 
+from helpers import tiny
+
 torch.set_num_threads(1)  # the machine is shared; tiny sizes are fast on one thread
-
-TINY = dict(img_size=16, stem="small", num_classes=10, embed_dim=32, depth=2, num_heads=2, token_dim=16)
-
-
-def tiny(name: str = "t2t_vit_7", **overrides) -> t2t_vit.T2TViT:
-    torch.manual_seed(0)
-    return t2t_vit.create_model(name, **{**TINY, **overrides})
 
 
 # ---- independent float64 formulas ----------------------------------------------------------

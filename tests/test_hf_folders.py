@@ -17,7 +17,7 @@ from timm.models import save_for_hf
 
 import t2t_vit
 from t2t_vit.errors import T2TViTError
-from tiny_run import MEAN, STD
+from helpers import MEAN, STD
 
 DATA_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")
 

@@ -10,17 +10,11 @@ import torch.nn.functional as F
 
 import t2t_vit
 from t2t_vit import T2TViTError, create_model, list_models
+from t2t_vit.model import fit_position_table
 from t2t_vit.profile import count_macs, count_params
 from t2t_vit.variants import VARIANTS
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
-
-REGISTERED = [
-    "t2t_vit_7", "t2t_vit_10", "t2t_vit_12", "t2t_vit_14", "t2t_vit_19", "t2t_vit_24", "t2t_vit_t_14",
-    "t2t_vit_t_19", "t2t_vit_t_24", "t2t_vit_14_resnext", "t2t_vit_14_wide", "t2t_vit_14_se",
-    "t2t_vit_16_ghost", "t2t_vit_dense", "t2t_vit_14_wo_t2t", "t2t_vit_c_14", "vit_s16", "vit_s16_dn",
-    "vit_s16_sw", "vit_s16_dense", "vit_s16_se", "vit_s16_resnext", "vit_s16_ghost",
-]
+from helpers import REGISTERED, small_variant
 
 # FACTS §3: params (M) and GMACs measured on the authors' implementation.
 REFERENCE = {
@@ -32,6 +26,8 @@ REFERENCE = {
     ("t2t_vit_14_se", 224): (21.804, 4.784), ("t2t_vit_16_ghost", 224): (16.253, 3.802),
     ("t2t_vit_dense", 224): (23.647, 5.276),
 }
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
 def test_registry_has_exactly_the_paper_models():
@@ -227,7 +223,8 @@ def test_dynamic_img_size_resamples_table_bicubically():
     image = table.reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
     resized = F.interpolate(image, size=grid, mode="bicubic", align_corners=False)
     expected = torch.cat([cls_row, resized.permute(0, 2, 3, 1).reshape(1, 30, -1)], dim=1)
-    torch.testing.assert_close(model._position_table(grid), expected, rtol=1e-5, atol=1e-6)
+    table_for_grid = fit_position_table(model.pos_embed, grid, model.grid_size, True, model.img_size)
+    torch.testing.assert_close(table_for_grid, expected, rtol=1e-5, atol=1e-6)
     assert model(x).shape == (1, 5)
 
 
@@ -252,13 +249,6 @@ def test_small_stem_gives_64_tokens_at_32px():
 
 # ---- every registered model trains ------------------------------------------------------------
 
-def small(name: str, **overrides) -> t2t_vit.T2TViT:
-    """A registered model at 64 px with few blocks (dense variants keep their stages)."""
-    args = dict(img_size=64, num_classes=7, **({} if "dense" in name else dict(depth=2)))
-    torch.manual_seed(0)
-    return create_model(name, **{**args, **overrides})
-
-
 @pytest.mark.parametrize("name", REGISTERED)
 def test_forward_backward_every_model(name):
     model = create_model(name, img_size=64, num_classes=7, drop_path_rate=0.1)
@@ -274,10 +264,10 @@ def test_forward_backward_every_model(name):
 # ---- Token Labeling auxiliary head ---------------------------------------------------------------
 
 def test_token_label_head_adds_half_the_best_patch_token_logits():
-    model = small("t2t_vit_24", token_label_head=True).eval()
+    model = small_variant("t2t_vit_24", token_label_head=True).eval()
     state = model.state_dict()
     assert state["aux_head.weight"].shape == (7, 512) and state["aux_head.bias"].shape == (7,)
-    assert "aux_head.weight" not in small("t2t_vit_24").state_dict()  # off unless asked
+    assert "aux_head.weight" not in small_variant("t2t_vit_24").state_dict()  # off unless asked
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         feats = model.forward_features(x)

@@ -11,12 +11,13 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from test_fastpaths import tiny
 
 import t2t_vit
 from t2t_vit.agreement import bf16_agreement, digits_data, train_briefly
 from t2t_vit.precision import for_inference
 from t2t_vit.t2t import TokenPerformer, performer_attention
+
+from helpers import tiny
 
 torch.set_num_threads(1)  # the machine is shared; tiny sizes are fast on one thread
 

@@ -205,7 +205,7 @@ def test_predict_cli_agrees_with_eval_on_saved_digits(digits_run, capsys):
 @pytest.mark.parametrize("bad", [{"mean": "grey"}, {"std": [0.2, 0.0, 0.2]}, {"crop_pct": 2.5},
                                  {"interpolation": "cubic"}, "not json", [1, 2]])
 def test_malformed_data_config_is_one_clear_error(digits_run, tmp_path, bad):
-    from t2t_vit.checkpoint import read_metadata, read_state_dict
+    from t2t_vit.reading import read_metadata, read_state_dict
     from t2t_vit.storage import encode_metadata
 
     _, with_config, _, _ = digits_run
@@ -335,7 +335,7 @@ def test_weights_option_picks_the_ema_copy(small_checkpoint, images, tmp_path, c
 def test_metadata_never_selects_a_remote_source(small_checkpoint, tmp_path, monkeypatch, named):
     import socket
 
-    from t2t_vit.checkpoint import read_state_dict
+    from t2t_vit.reading import read_state_dict
 
     lookups = []
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: lookups.append(a) or [])

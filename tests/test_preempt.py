@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from t2t_vit.checkpoint import read_metadata
+from t2t_vit.reading import read_metadata
 from t2t_vit.errors import T2TViTError
 from t2t_vit.train.preempt import parse_signals
-from test_train_e2e import TINY, assert_same, cli, env, weights
+from helpers import TRAIN_FLAGS, assert_same, run_weights, subprocess_env, train_command
 
 # Augmentation, drop path and EMA on: every random stream must be restored exactly. --log-every 1
 # prints "step N" lines, which tell the test when the run is mid-epoch.
@@ -23,7 +23,7 @@ SINGLE = ["--deterministic", "--epochs", "1", "--max-steps", "10", "--batch-size
 
 def signal_at_step(cmd: list[str], step: int, sig: int) -> subprocess.CompletedProcess:
     """Run ``cmd``, send ``sig`` to it once it printed ``step {step}``; the finished process."""
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sent = False
     for line in proc.stdout:
         if line.startswith(f"step {step} "):
@@ -42,7 +42,8 @@ def stopped_step(run) -> int:
 @pytest.fixture(scope="module")
 def whole(tmp_path_factory):
     run = tmp_path_factory.mktemp("whole")
-    subprocess.run(cli(*SINGLE, "--output", str(run)), env=env(), check=True, capture_output=True, timeout=600)
+    subprocess.run(train_command(*SINGLE, "--output", str(run)), env=subprocess_env(), check=True, capture_output=True,
+                   timeout=600)
     return run
 
 
@@ -50,17 +51,17 @@ def whole(tmp_path_factory):
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGINT])
 def test_signal_mid_epoch_saves_and_resume_is_exact(sig, whole, tmp_path):
     run = tmp_path / "run"
-    stopped = signal_at_step(cli(*SINGLE, "--output", str(run)), 3, sig)
+    stopped = signal_at_step(train_command(*SINGLE, "--output", str(run)), 3, sig)
     assert stopped.returncode == 128 + sig, stopped.stderr[-1500:]
     step = stopped_step(run)
     assert 3 <= step < 10  # it stopped mid-epoch, after the step it was in
     assert f"stopped by {signal.Signals(sig).name} after step {step}" in stopped.stderr
     assert f"resume with: t2t-vit train --config {run / 'config.yaml'} --output {run} --resume auto" in stopped.stderr
 
-    done = subprocess.run(cli(*SINGLE, "--output", str(run), "--resume", "auto"), env=env(), capture_output=True,
-                          text=True, check=True, timeout=600)
+    done = subprocess.run(train_command(*SINGLE, "--output", str(run), "--resume", "auto"), env=subprocess_env(),
+                          capture_output=True, text=True, check=True, timeout=600)
     assert f"resumed from {run / 'checkpoint-last'} at step {step}" in done.stdout
-    assert_same(weights(whole), weights(run), 0.0)  # model and EMA, bit for bit
+    assert_same(run_weights(whole), run_weights(run), 0.0)  # model and EMA, bit for bit
     m1, m2 = (json.loads((r / "metrics.json").read_text()) for r in (whole, run))
     assert m1["steps"] == m2["steps"] == 10 and m1["val_top1"] == m2["val_top1"]
 
@@ -69,12 +70,12 @@ def test_signal_mid_epoch_saves_and_resume_is_exact(sig, whole, tmp_path):
 def test_sigterm_to_torchrun_stops_both_ranks_and_resume_is_exact(tmp_path):
     # 1437 digits / (24 × 2 ranks) = 29 micro-batches: 14 steps of 2 and one left over, which
     # no rank may step on (a partial accumulation window used to loop forever).
-    args = [*TINY, "--deterministic", "--epochs", "1", "--batch-size", "24", "--accum-steps", "2",
+    args = [*TRAIN_FLAGS, "--deterministic", "--epochs", "1", "--batch-size", "24", "--accum-steps", "2",
             "--drop-path", "0.1", "--ema-decay", "0.99", "--log-every", "1"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "t2t_vit", "train", *args]
     whole, run = tmp_path / "whole", tmp_path / "run"
-    result = subprocess.run([*launcher, "--output", str(whole)], env=env(), capture_output=True, text=True,
+    result = subprocess.run([*launcher, "--output", str(whole)], env=subprocess_env(), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
 
@@ -84,11 +85,11 @@ def test_sigterm_to_torchrun_stops_both_ranks_and_resume_is_exact(tmp_path):
     step = stopped_step(run)
     assert 3 <= step < 14 and stopped.stderr.count(f"after step {step};") == 2  # the same step on both ranks
 
-    done = subprocess.run([*launcher, "--output", str(run), "--resume", "auto"], env=env(), capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run([*launcher, "--output", str(run), "--resume", "auto"], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"resumed from {run / 'checkpoint-last'} at step {step}" in done.stdout
-    assert_same(weights(whole), weights(run), 0.0)
+    assert_same(run_weights(whole), run_weights(run), 0.0)
     m1, m2 = (json.loads((r / "metrics.json").read_text()) for r in (whole, run))
     assert m1["steps"] == m2["steps"] == 14 and m1["epochs"] == m2["epochs"] == 1
 
@@ -113,11 +114,11 @@ def rank_pid(launcher_pid: int, rank: int) -> int:
 @pytest.mark.e2e
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the worker through /proc")
 def test_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
-    args = [*TINY, "--epochs", "1", "--max-steps", "20", "--batch-size", "16", "--log-every", "1",
+    args = [*TRAIN_FLAGS, "--epochs", "1", "--max-steps", "20", "--batch-size", "16", "--log-every", "1",
             "--output", str(tmp_path / "run")]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "t2t_vit", "train", *args]
-    proc = subprocess.Popen(launcher, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(launcher, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # rank 0 prints the steps; rank 1 alone gets the signal
         if line.startswith("step 3 "):
             os.kill(rank_pid(proc.pid, 1), signal.SIGUSR1)
@@ -131,10 +132,10 @@ def test_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
 def test_accumulation_with_a_partial_window_finishes_every_epoch(tmp_path):
     # 1437 / 128 = 11 micro-batches, 2 steps of 4 and 3 left over per epoch: the epoch must end.
     tiny = [arg if arg != "{embed_dim: 64, depth: 2, num_heads: 2, token_dim: 16}" else
-            "{embed_dim: 16, depth: 1, num_heads: 1, token_dim: 8}" for arg in TINY]
+            "{embed_dim: 16, depth: 1, num_heads: 1, token_dim: 8}" for arg in TRAIN_FLAGS]
     cmd = [sys.executable, "-m", "t2t_vit", "train", *tiny, "--epochs", "2", "--batch-size", "128",
            "--accum-steps", "4", "--output", str(tmp_path / "run")]
-    subprocess.run(cmd, env=env(), check=True, capture_output=True, timeout=300)
+    subprocess.run(cmd, env=subprocess_env(), check=True, capture_output=True, timeout=300)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["epochs"] == 2
 
@@ -166,8 +167,8 @@ def test_preempt_signals_are_parsed_and_checked():
 
 
 def test_bad_preempt_signal_flag_is_one_line(tmp_path):
-    result = subprocess.run(cli("--preempt-signals", "TERM,KILL", "--output", str(tmp_path / "r")), env=env(),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(train_command("--preempt-signals", "TERM,KILL", "--output", str(tmp_path / "r")),
+                            env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "t2t-vit: error: --preempt-signals: 'KILL' is not a signal that can be caught; use names such as "
         "TERM,USR1,USR2,HUP (or 'none')"]

@@ -14,9 +14,10 @@ import torch
 
 import t2t_vit
 from t2t_vit import cli
-from t2t_vit.checkpoint import load_checkpoint, model_from_checkpoint, read_metadata, read_state_dict
+from t2t_vit.checkpoint import load_checkpoint, model_from_checkpoint
 from t2t_vit.errors import T2TViTError
 from t2t_vit.pretrained import convert, from_pretrained, save_pretrained
+from t2t_vit.reading import read_metadata, read_state_dict
 from t2t_vit.storage import encode_metadata, save_weights
 
 REPO = Path(__file__).resolve().parents[1]

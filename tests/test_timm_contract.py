@@ -7,7 +7,7 @@ import torch
 
 import t2t_vit
 from t2t_vit import T2TViTError, create_model
-from test_models import REGISTERED, small
+from helpers import REGISTERED, small_variant
 
 
 # ---- timm's model contract: scripting, fx tracing, feature extraction ---------------------------
@@ -28,7 +28,7 @@ def test_fixed_tables_are_persistent_buffers_under_checkpoint_keys(name):
 
 @pytest.mark.parametrize("name", REGISTERED)
 def test_scripted_model_equals_eager(name):
-    model = small(name).eval()
+    model = small_variant(name).eval()
     x = torch.randn(2, 3, 64, 64)
     scripted = torch.jit.script(model)
     with torch.no_grad():
@@ -39,7 +39,7 @@ def test_scripted_model_equals_eager(name):
 def test_fx_traced_model_equals_eager_and_trains(name):
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    model = small(name).eval()
+    model = small_variant(name).eval()
     x = torch.randn(2, 3, 64, 64)
     traced = torch.fx.symbolic_trace(model)  # plain tracing, no leaf lists passed in
     with torch.no_grad():
@@ -52,7 +52,7 @@ def test_fx_traced_model_equals_eager_and_trains(name):
 def test_feature_extractor_returns_chosen_block_outputs():
     from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-    model = small("t2t_vit_14", depth=3).eval()
+    model = small_variant("t2t_vit_14", depth=3).eval()
     _, nodes = get_graph_node_names(model)
     assert {"tokens_to_token.project", "norm", "head"} <= set(nodes)
     assert any(n.startswith("blocks.2.") for n in nodes)
@@ -68,7 +68,7 @@ def test_feature_extractor_returns_chosen_block_outputs():
 
 
 def test_scripted_model_keeps_the_choice_of_its_instance():
-    model = configure_all(small("t2t_vit_t_14"), "math").eval()
+    model = configure_all(small_variant("t2t_vit_t_14"), "math").eval()
     scripted = torch.jit.script(model)
     assert scripted.tokens_to_token.attention1.attn.core.attention_kernel == "math"
     with pytest.raises(Exception, match="tiled|grid"):

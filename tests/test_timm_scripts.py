@@ -19,7 +19,7 @@ from timm.data import create_dataset, create_loader, create_transform, resolve_d
 from timm.models import load_checkpoint
 
 import t2t_vit
-from tiny_run import ARCH, MEAN
+from helpers import ARCH, MEAN
 
 
 def timm_top1(model: torch.nn.Module, data) -> float:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from t2t_vit.checkpoint import read_metadata
+from t2t_vit.reading import read_metadata
 from t2t_vit.errors import T2TViTError
 from t2t_vit.storage import atomic_write
 from t2t_vit.train import TrainConfig, evaluate, list_recipes, load_config, train

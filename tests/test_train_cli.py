@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from t2t_vit.checkpoint import read_metadata
+from t2t_vit.reading import read_metadata
 from t2t_vit.errors import T2TViTError
 from t2t_vit.train import TrainConfig, load_config, recipe, train
 from t2t_vit.train.cli import base_recipe

@@ -7,36 +7,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from t2t_vit.train import TrainConfig, train
-from t2t_vit.checkpoint import read_metadata
+from t2t_vit.reading import read_metadata
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
-TINY = ["--model", "t2t_vit_7", "--model-kwargs", "{embed_dim: 64, depth: 2, num_heads: 2, token_dim: 16}",
-        "--img-size", "32", "--stem", "small", "--workers", "0", "--threads", "1", "--log-every", "1000"]
-
-
-def env() -> dict:
-    return dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "t2t_vit", "train", *TINY, *args]
-
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "checkpoint-last.safetensors"))
-
-
-def assert_same(a: dict, b: dict, tol: float) -> None:
-    assert a.keys() == b.keys()
-    worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
-    assert worst <= tol, worst
+from helpers import TRAIN_FLAGS, assert_same, run_weights, subprocess_env, train_command
 
 
 @pytest.mark.e2e
@@ -45,10 +23,11 @@ def test_sigkill_and_resume_auto_gives_the_same_weights(tmp_path):
     args = ["--deterministic", "--epochs", "2", "--batch-size", "64", "--save-every-steps", "4",
             "--drop-path", "0.1", "--ema-decay", "0.99"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(cli(*args, "--output", str(whole)), env=env(), check=True, capture_output=True, timeout=600)
+    subprocess.run(train_command(*args, "--output", str(whole)), env=subprocess_env(), check=True, capture_output=True,
+                   timeout=600)
 
-    proc = subprocess.Popen(cli(*args, "--output", str(killed)), env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(train_command(*args, "--output", str(killed)), env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = killed / "checkpoint-last.safetensors"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -63,10 +42,10 @@ def test_sigkill_and_resume_auto_gives_the_same_weights(tmp_path):
     killed_at = int(read_metadata(str(ckpt))["step"])
     assert killed_at < 44  # 2 epochs × 22 steps: it really was interrupted
 
-    done = subprocess.run(cli(*args, "--output", str(killed), "--resume", "auto"), env=env(), capture_output=True,
-                          text=True, check=True, timeout=600)  # a resume that never ends fails, not hangs
+    done = subprocess.run(train_command(*args, "--output", str(killed), "--resume", "auto"), env=subprocess_env(),
+                          capture_output=True, text=True, check=True, timeout=600)  # a resume that never ends fails, not hangs
     assert f"resumed from {killed / 'checkpoint-last'} at step {killed_at}" in done.stdout
-    assert_same(weights(whole), weights(killed), 1e-6)  # model and EMA
+    assert_same(run_weights(whole), run_weights(killed), 1e-6)  # model and EMA
     m1, m2 = (json.loads((run / "metrics.json").read_text()) for run in (whole, killed))
     assert m1["steps"] == m2["steps"] == 44 and m1["val_top1"] == m2["val_top1"]
 
@@ -79,16 +58,16 @@ def test_ddp_two_processes_match_one_process(tmp_path):
               "--lr", "0.05", "--warmup-epochs", "0"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "t2t_vit", "train", *TINY, *common, "--batch-size", "16", "--output", str(ddp)]
+                "-m", "t2t_vit", "train", *TRAIN_FLAGS, *common, "--batch-size", "16", "--output", str(ddp)]
     # The T2T transformer layer: the Performer layer has the authors' fixed dropout 0.1, whose masks
     # cannot agree between one and two processes.
-    single_cmd = cli(*common, "--batch-size", "32", "--output", str(single))
+    single_cmd = train_command(*common, "--batch-size", "32", "--output", str(single))
     for cmd in (single_cmd, launcher):
         cmd[cmd.index("--model-kwargs") + 1] = "{embed_dim: 64, depth: 2, num_heads: 2, token_dim: 16, tokenizer: transformer}"
-    subprocess.run(single_cmd, env=env(), check=True, capture_output=True, timeout=600)
-    result = subprocess.run(launcher, env=env(), capture_output=True, text=True, timeout=600)
+    subprocess.run(single_cmd, env=subprocess_env(), check=True, capture_output=True, timeout=600)
+    result = subprocess.run(launcher, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert_same(weights(single), weights(ddp), 1e-5)
+    assert_same(run_weights(single), run_weights(ddp), 1e-5)
     m1, m2 = (json.loads((run / "metrics.json").read_text()) for run in (single, ddp))
     assert m2["world_size"] == 2 and m1["steps"] == m2["steps"] == 6
     assert m1["val_top1"] == pytest.approx(m2["val_top1"])  # the val set is sharded, then reduced
@@ -106,7 +85,7 @@ def test_finetune_new_head_and_distillation(tmp_path):
     # Fine-tune to 12 classes: the body is loaded, the 10-class head is replaced.
     tuned = train(TrainConfig(**base, finetune=teacher, num_classes=12, opt="sgd", lr=0.05, body_lr_scale=0.01,
                               output=str(tmp_path / "tuned")))
-    w_teacher, w_tuned = load_file(teacher), weights(tmp_path / "tuned")
+    w_teacher, w_tuned = load_file(teacher), run_weights(tmp_path / "tuned")
     assert w_tuned["head.weight"].shape == (12, 64)
     moved = (w_tuned["blocks.0.mlp.fc1.weight"] - w_teacher["blocks.0.mlp.fc1.weight"]).abs().max()
     assert 0 < moved < 1e-2  # started from the teacher's body, updated with the small body lr

@@ -10,15 +10,15 @@ from typing import Any
 import timm
 from timm.models import split_model_name_tag
 
-from t2t_vit.checkpoint import (
-    LoadReport, adapt_state_dict, load_checkpoint, model_from_checkpoint, read_checkpoint, read_metadata,
-    read_state_dict, save_weights,
-)
+from t2t_vit.adapting import LoadReport, adapt_state_dict
+from t2t_vit.checkpoint import load_checkpoint, load_read, model_from_checkpoint
 from t2t_vit.errors import T2TViTError, did_you_mean
 from t2t_vit.interop import checkpoint_defaults
 from t2t_vit.model import T2TViT
 from t2t_vit.pretrained import from_pretrained, save_pretrained
 from t2t_vit.precision import for_inference
+from t2t_vit.reading import read_checkpoint, read_metadata, read_state_dict
+from t2t_vit.storage import save_weights
 from t2t_vit.switchboard import attention_kernels, configure, reference_formulation
 from t2t_vit.variants import VARIANTS, list_models
 
@@ -78,11 +78,12 @@ def create_model(
         raise T2TViTError(f"unknown pretrained tag {name!r}; {arch} has: {tags}")
     given = {k: v for k, v in dict(num_classes=num_classes, img_size=img_size).items() if v is not None}
     if checkpoint_path:  # the file's class count, preprocessing and (if it names this model) arguments
-        file_args, fields = checkpoint_defaults(arch, checkpoint_path)
+        read = read_checkpoint(checkpoint_path)  # once: its metadata gives the defaults, its weights the model
+        file_args, fields = checkpoint_defaults(arch, read[0], read[2])
         fields.update(kwargs.pop("pretrained_cfg_overlay", None) or {})
         file_args = {k: v for k, v in file_args.items() if k not in given}  # yours win
         kwargs = {**file_args, **kwargs, "pretrained_cfg_overlay": fields}
     model = timm.create_model(name, pretrained=pretrained and not checkpoint_path, **given, **kwargs)
     if checkpoint_path:
-        load_checkpoint(model, checkpoint_path)
+        load_read(model, read, checkpoint_path)
     return model

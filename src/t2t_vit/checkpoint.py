@@ -1,4 +1,4 @@
-"""Loading checkpoints: the build layer, and the public names of all three layers.
+"""Loading checkpoints: the build layer.
 
 read (:mod:`t2t_vit.reading`: formats, safe unpickling, EMA choice, validated metadata) →
 adapt (:mod:`t2t_vit.adapting`: wrapper prefixes, position table, head) →
@@ -20,22 +20,15 @@ from typing import Any, Mapping
 
 from torch import Tensor, nn
 
-from t2t_vit.adapting import (  # noqa: F401 (re-exported)
-    LoadReport, adapt_state_dict, check_fit, describe_state_dict, load_adapted, mismatch_message,
-)
+from t2t_vit.adapting import LoadReport, describe_state_dict, load_adapted
 from t2t_vit.errors import T2TViTError, did_you_mean
 from t2t_vit.interop import pretrained_cfg_fields
-from t2t_vit.metadata import check_img_size, check_model_name, validate_metadata  # noqa: F401
+from t2t_vit.metadata import check_img_size, check_model_name
 from t2t_vit.modelguard import base_name, check_budget, screen_arguments
-from t2t_vit.reading import (  # noqa: F401 (re-exported)
-    SAFE_GLOBALS, WEIGHTS_NAME, read_checkpoint, read_metadata, read_state_dict, select_state_dict, split_ema,
-    torch_load_safe,
-)
-from t2t_vit.storage import EMA_PREFIX, save_weights  # noqa: F401 (re-exported)
+from t2t_vit.reading import read_checkpoint
 from t2t_vit.table import VARIANTS
-from t2t_vit.variants import checkpoint_filter_fn, likely_variants  # noqa: F401 (re-exported)
+from t2t_vit.variants import likely_variants
 
-FORMAT = "t2t-vit"
 _AUTHORS = ("authors", "authors-cifar", "state_dict", "unknown")
 
 
@@ -49,7 +42,14 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
     line naming the missing, unexpected and mismatched keys and the likely cause;
     ``strict=False`` loads what fits instead.
     """
-    state_dict, source, meta = read_checkpoint(path, use_ema)
+    return load_read(model, read_checkpoint(path, use_ema), path, strict=strict, new_head=new_head)
+
+
+def load_read(model: nn.Module, read: tuple[Mapping[str, Tensor], str, Mapping[str, Any]], path: Any,
+              strict: bool = True, new_head: bool = True) -> LoadReport:
+    """:func:`load_checkpoint` for a file already read (``read`` as :func:`t2t_vit.reading.read_checkpoint`
+    returns it), so a caller that needed its metadata first does not read it twice."""
+    state_dict, source, meta = read
     report = LoadReport(path=str(path), source=source)
     return load_adapted(model, state_dict, meta, report, strict=strict, new_head=new_head, guess=likely_variants)
 

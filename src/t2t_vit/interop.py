@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from t2t_vit.reading import read_checkpoint
+from t2t_vit.metadata import FORMAT
 from t2t_vit.storage import atomic_write, encode_metadata
 
 TIMM_SUFFIX = ".pth.tar"  # timm's own checkpoint suffix; validate.py globs it in a folder
@@ -43,7 +43,7 @@ def pretrained_cfg_fields(meta: Mapping[str, Any]) -> dict[str, Any]:
     fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in _DATA_FIELDS}
     if meta.get("class_names"):
         fields["label_names"] = tuple(meta["class_names"])
-    if meta.get("format") == "t2t-vit":
+    if meta.get("format") == FORMAT:
         fields.update(tag=data_tag(meta.get("dataset")), url="", hf_hub_id=None, origin_url=None, license=None,
                       notes=(f"trained with t2t-vit on {meta['dataset']}",) if meta.get("dataset") else ())
     return fields
@@ -56,14 +56,15 @@ def _class_count(state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
     return int(head.shape[0]) if head is not None and head.ndim == 2 else None
 
 
-def checkpoint_defaults(variant: str, path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(model arguments, ``pretrained_cfg`` fields) that ``path`` says its model was built with.
+def checkpoint_defaults(variant: str, state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model arguments, ``pretrained_cfg`` fields) that a checkpoint (as ``read_checkpoint`` returns
+    its weights and validated metadata) says its model was built with.
 
     The class count always (so timm keeps a head that fits instead of dropping it); the
     architecture arguments only when the file names ``variant`` as its model. Callers apply both
     as defaults under what the user passed.
     """
-    state_dict, _, meta = read_checkpoint(path)
     cfg = pretrained_cfg_fields(meta)
     classes = _class_count(state_dict, meta)
     if classes is not None:

@@ -17,7 +17,15 @@ from t2t_vit.modelguard import screen_arguments
 
 _log = logging.getLogger(__name__)
 
-JSON_FIELDS = ("model_kwargs", "num_classes", "img_size", "class_names", "step", "epoch", "data_config")
+FORMAT = "t2t-vit"  # the ``format`` field of the files we write
+# Every field our checkpoints carry, in the order written, and whether its value is JSON (safetensors
+# metadata is str → str: these are encoded on writing and decoded before they are checked).
+FIELDS: dict[str, bool] = {
+    "format": False, "model": False, "model_kwargs": True, "num_classes": True, "img_size": True, "stem": False,
+    "class_names": True, "preferred": False, "step": True, "epoch": True, "data_config": True, "dataset": False,
+    "source": False,
+}
+JSON_FIELDS = tuple(name for name, is_json in FIELDS.items() if is_json)
 MAX_IMG = 4096  # pixels per side
 MAX_CLASSES = 100_000
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming", "random")
@@ -33,6 +41,17 @@ _FLOAT_BOUNDS = {
     "attn_drop_rate": (0.0, 1.0), "drop_path_rate": (0.0, 1.0), "t2t_drop_rate": (0.0, 1.0),
 }
 _REMOTE_MARKERS = (":", "/", "\\")  # hf-hub:org/name, local-dir:..., timm/..., http://...
+
+
+def checkpoint_metadata(**fields: Any) -> dict[str, Any]:
+    """The metadata of a checkpoint we write: ``fields`` (names from :data:`FIELDS`) in the table's
+    order, ``format`` set to :data:`FORMAT`. Every writer (training, ``save_pretrained``, ``convert``)
+    builds its metadata here."""
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown:
+        raise TypeError(f"unknown checkpoint metadata fields {unknown}; the fields are metadata.FIELDS")
+    fields = {**fields, "format": FORMAT}
+    return {name: fields[name] for name in FIELDS if name in fields}
 
 
 def _fail(path: Path | str, what: str) -> T2TViTError:

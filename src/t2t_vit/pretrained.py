@@ -15,13 +15,12 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from t2t_vit.checkpoint import (
-    FORMAT, WEIGHTS_NAME, build_from_checkpoint, checkpoint_model_kwargs, create_checked, load_checkpoint, save_weights,
-)
+from t2t_vit.checkpoint import build_from_checkpoint, checkpoint_model_kwargs, create_checked, load_checkpoint
 from t2t_vit.errors import T2TViTError
-from t2t_vit.reading import FOLDER_WEIGHTS
-from t2t_vit.metadata import check_data_config, check_model_kwargs, check_model_name
+from t2t_vit.reading import FOLDER_WEIGHTS, WEIGHTS_NAME
+from t2t_vit.metadata import check_data_config, check_model_kwargs, check_model_name, checkpoint_metadata
 from t2t_vit.modelguard import names_a_source
+from t2t_vit.storage import save_weights
 
 CONFIG_NAME = "config.json"
 _DATA_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")
@@ -32,6 +31,13 @@ def _model_args(model: nn.Module) -> dict[str, Any]:
     from timm.models import get_model_args
 
     return json.loads(json.dumps(get_model_args(model)))  # tuples → lists, as they come back from JSON
+
+
+def _model_metadata(model: nn.Module, class_names: Sequence[str] | None, **fields: Any) -> dict[str, Any]:
+    """The metadata of ``model``'s weights file: what rebuilds it (name, arguments, classes, size), then ``fields``."""
+    return checkpoint_metadata(model=model.pretrained_cfg["architecture"], model_kwargs=_model_args(model),
+                               num_classes=model.num_classes, img_size=list(model.img_size),
+                               class_names=list(class_names or []), preferred="model", **fields)
 
 
 def _data_config(model: nn.Module, given: dict[str, Any] | None) -> dict[str, Any]:
@@ -76,17 +82,12 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, class_names:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise T2TViTError(f"could not create {directory}: {err.strerror or err}") from err
-    model_args = _model_args(model)
     model_config = {"label_names": list(class_names)} if class_names else None
     try:
         save_config_for_hf(model, str(directory / CONFIG_NAME), model_config=model_config, data_config=data)
     except (OSError, ValueError) as err:
         raise T2TViTError(f"could not write {directory / CONFIG_NAME}: {err}") from err
-    metadata = dict(
-        format=FORMAT, model=cfg["architecture"], model_kwargs=model_args, num_classes=model.num_classes,
-        img_size=list(model.img_size), class_names=list(class_names or []), preferred="model", data_config=data,
-    )
-    save_weights(model, directory / WEIGHTS_NAME, metadata=metadata)
+    save_weights(model, directory / WEIGHTS_NAME, metadata=_model_metadata(model, class_names, data_config=data))
     return directory
 
 
@@ -143,14 +144,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, model_name: str | No
     its ``model_kwargs``) to our safetensors format, after checking it loads exactly into the model
     it describes (:func:`t2t_vit.checkpoint.build_from_checkpoint`)."""
     model, meta, source = build_from_checkpoint(src, model_name, use_ema)
-    names = list(class_names or meta.get("class_names") or [])
-    metadata = dict(
-        format=FORMAT, model=model.pretrained_cfg["architecture"], model_kwargs=_model_args(model),
-        num_classes=model.num_classes, img_size=list(model.img_size), class_names=names, preferred="model",
-        step=int(meta.get("step", 0) or 0), epoch=int(meta.get("epoch", 0) or 0), source=f"{Path(src).name}:{source}",
-    )
-    if meta.get("data_config"):
-        metadata["data_config"] = meta["data_config"]
+    data = {"data_config": meta["data_config"]} if meta.get("data_config") else {}
+    metadata = _model_metadata(model, class_names or meta.get("class_names"), step=int(meta.get("step", 0) or 0),
+                               epoch=int(meta.get("epoch", 0) or 0), source=f"{Path(src).name}:{source}", **data)
     save_weights(model, dst, metadata=metadata)
     return metadata
 

@@ -53,17 +53,17 @@ ENVIRONMENT: dict[str, str] = {name: f"T2T_VIT_{name.upper()}" for name in CHOIC
 
 _defaults: dict[str, str] | None = None
 
-# ---- the measured rule behind attention="auto" ------------------------------------------------
+# ---- the shipped rule behind attention="auto" -------------------------------------------------
 def auto_kernel(device: str, dtype: torch.dtype, tokens: int, grad: bool) -> str:
     """The attention kernel "auto" runs: "fused" or "math" for this device, dtype, length, grad mode.
 
     CUDA always gets the fused kernel (flash / memory-efficient attention). On the CPU the fused
     kernel wins at long sequences and loses at short ones; the lengths below from which it is used
-    are the crossovers measured by ``benchmarks/attention_kernels.py`` (results in
-    ``benchmarks/results-attention-kernels.json``). In bf16 training at 3,136 tokens the fused kernel
-    was up to 8% slower but is taken for the memory it saves (math stores the N×N matrix for the
-    backward pass: 0.56× vs 0.29× the reference's step memory for T2T-ViTt-14). Other devices and
-    dtypes get plain matmuls.
+    are the crossovers in ``benchmarks/results-attention-kernels.json`` (written by
+    ``benchmarks/attention_kernels.py``). In bf16 training the fused kernel is taken at long
+    sequences even where it is a little slower, for the memory it saves: math stores the N×N matrix
+    for the backward pass (the figures: docs/benchmarks.md, "The attention rule and the memory
+    rule"). Other devices and dtypes get plain matmuls.
     """
     if device == "cuda":
         return "fused"

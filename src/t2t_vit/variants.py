@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Mapping
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -21,7 +22,7 @@ from t2t_vit.hub import load_released
 from t2t_vit.interop import checkpoint_defaults
 from t2t_vit.model import T2TViT
 from t2t_vit.modelguard import check_budget, names_a_source, screen_arguments
-from t2t_vit.reading import is_safetensors, read_metadata, resolve_path, select_state_dict
+from t2t_vit.reading import is_safetensors, read_checkpoint, read_metadata, resolve_path, select_state_dict
 from t2t_vit.table import VARIANTS
 
 
@@ -116,19 +117,21 @@ def likely_variants(desc: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
+def checkpoint_filter_fn(state_dict: dict, model: nn.Module, meta: Mapping[str, Any] | None = None) -> dict:
     """Adapt a state dict (authors' layout or ours) to ``model`` for timm's pretrained loader.
 
     timm has already read the file weights-only (EMA preferred, ``module.`` stripped); this unwraps
     the CIFAR ``net`` layout and our ``ema.`` keys (following the file's ``preferred`` metadata),
     resamples the position table, keeps the model's head on a class-count change, and raises
     :class:`T2TViTError` with the same one-line message as :func:`t2t_vit.load_checkpoint` otherwise.
+    ``meta``: the file's metadata when the caller has read it already (else read here).
     """
     file = getattr(model, "pretrained_cfg", {}).get("file")
-    meta: dict[str, Any] = {}
-    if file:
-        path = resolve_path(file)
-        meta = read_metadata(path) if is_safetensors(path) else {}
+    if meta is None:
+        meta = {}
+        if file:
+            path = resolve_path(file)
+            meta = read_metadata(path) if is_safetensors(path) else {}
     where = str(file or "<state dict>")
     chosen, source = select_state_dict(state_dict, None, where, preferred=meta.get("preferred", "ema"))
     check_finite(chosen, where)
@@ -143,31 +146,36 @@ def _source_is_url(cfg: Mapping[str, Any]) -> bool:
                                          or cfg.get("source") in ("hf-hub", "local-dir"))
 
 
-def _screen_local_source(variant: str, cfg: Mapping[str, Any], kwargs: Mapping[str, Any], pretrained: bool) -> None:
+def _screen_local_source(variant: str, cfg: Mapping[str, Any], kwargs: Mapping[str, Any], pretrained: bool,
+                         meta: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     """A folder or file timm hands us (``local-dir:``, ``pretrained_cfg_overlay=dict(file=...)``)
     is checked as :func:`t2t_vit.model_from_checkpoint` checks one: the arguments its config.json
     gave (timm passes them as ``pretrained_model_args``) and its metadata's ``model_kwargs`` may
-    not choose a source, a file or a device, nor a model over the size limit."""
+    not choose a source, a file or a device, nor a model over the size limit. Returns the file's
+    validated metadata: ``meta`` when the file was read already, else read (and validated) here."""
     stored = kwargs.get("pretrained_model_args")
     where = cfg.get("file") or "config.json"
     if isinstance(stored, Mapping):
         screen_arguments(variant, stored, where)
     if isinstance(stored, Mapping) or cfg.get("file"):  # a file's own arguments are among kwargs by now
         check_budget(variant, {k: v for k, v in kwargs.items() if not names_a_source(k)}, where)
-    if pretrained and cfg.get("file"):
-        read_metadata(resolve_path(cfg["file"]))  # validates (and screens) before timm reads the weights
+    if pretrained and cfg.get("file") and meta is None:
+        meta = read_metadata(resolve_path(cfg["file"]))  # validates (and screens) before timm reads the weights
+    return meta
 
 
-def _with_file_defaults(variant: str, tag: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` over what a local ``file`` in the overlay says about its model: the class count
-    (timm then keeps a head that fits instead of dropping it), the preprocessing, and the
-    architecture arguments of a file that names this variant."""
+def _with_file_defaults(variant: str, tag: Any, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict | None]:
+    """(``kwargs`` over what a local ``file`` in the overlay says about its model, the file's
+    validated metadata or None when there is no such file): the class count (timm then keeps a head
+    that fits instead of dropping it), the preprocessing, and the architecture arguments of a file
+    that names this variant. The file is read once here; the screen and the filter reuse its metadata."""
     overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=tag, pretrained_cfg_overlay=overlay).to_dict()
     if not cfg.get("file") or cfg.get("source") == "local-dir":  # local-dir: config.json already says it all
-        return kwargs
-    arch, fields = checkpoint_defaults(variant, cfg["file"])
-    return {**arch, **kwargs, "pretrained_cfg_overlay": {**fields, **overlay}}
+        return kwargs, None
+    state_dict, _, meta = read_checkpoint(cfg["file"])
+    arch, fields = checkpoint_defaults(variant, state_dict, meta)
+    return {**arch, **kwargs, "pretrained_cfg_overlay": {**fields, **overlay}}, meta
 
 
 def _pyramid_levels(arch: Mapping[str, Any]) -> tuple[int, ...]:
@@ -181,11 +189,12 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> T2TViT:
     tag = kwargs.get("pretrained_cfg")
     if isinstance(tag, str) and tag.startswith("tl_") and "token_label_head" in inspect.signature(T2TViT).parameters:
         kwargs.setdefault("token_label_head", True)  # Token Labeling checkpoints carry an aux head
+    meta = None
     if pretrained:
-        kwargs = _with_file_defaults(variant, tag, kwargs)
+        kwargs, meta = _with_file_defaults(variant, tag, kwargs)
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=tag, pretrained_cfg_overlay=kwargs.get(
         "pretrained_cfg_overlay")).to_dict()
-    _screen_local_source(variant, cfg, kwargs, pretrained)
+    meta = _screen_local_source(variant, cfg, kwargs, pretrained, meta)
     download = pretrained and _source_is_url(cfg)
     if pretrained and not download and not cfg.get("url") and not (cfg.get("file") or cfg.get("state_dict")):
         raise T2TViTError(f"no released weights for {variant}; use a local checkpoint (--checkpoint FILE on the "
@@ -193,7 +202,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> T2TViT:
                           f"or choose one of {', '.join(RELEASES)}")
     arch = {**VARIANTS[variant].arch, **kwargs}
     model = build_model_with_cfg(
-        T2TViT, variant, pretrained and not download, pretrained_filter_fn=checkpoint_filter_fn,
+        T2TViT, variant, pretrained and not download, pretrained_filter_fn=partial(checkpoint_filter_fn, meta=meta),
         feature_cfg=dict(out_indices=_pyramid_levels(arch), feature_cls="getter"), **arch,
     )
     target = getattr(model, "model", model)  # (a features_only wrapper keeps the net elsewhere)

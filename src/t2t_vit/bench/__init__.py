@@ -6,9 +6,9 @@ our defaults in fp32, our explicit bf16 inference model, the model under ONNX Ru
 ``resnet50`` in fp32 and under bf16 autocast (see :mod:`t2t_vit.bench.cases`). The cases of one
 (task, batch) are timed in alternation after a warm-up and medians reported; each row has its
 compute floor (counted FLOPs / measured matmul rate), the attention kernel it ran and, in the full
-suite, a ``torch.profiler`` breakdown naming what bounds it. ``--quick`` is the short look (about a
-minute on an idle 2-core CPU, progress on every case and round); ``--gpu`` the GPU preset (large
-batches, every mode compiled, peak memory from ``torch.cuda.max_memory_allocated``).
+suite, a ``torch.profiler`` breakdown naming what bounds it. ``--quick`` is the short look (fewer
+cases and rounds, progress on every case and round; run times in docs/benchmarks.md); ``--gpu`` the
+GPU preset (large batches, every mode compiled, peak memory from ``torch.cuda.max_memory_allocated``).
 """
 from __future__ import annotations
 

@@ -21,10 +21,9 @@ from t2t_vit.errors import T2TViTError
 
 RUNTIMES = ("torch", "openvino", "onnxruntime")
 PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "openvino": ("fp32", "bf16"), "onnxruntime": ("fp32",)}
-# Regular expressions of the nodes int8 leaves float: the T2T module. Quantized, its Performer
-# features and 3,136/784-token layers cost agreement (t2t_vit_7 on the held-out digits: 97.5%
-# OpenVINO, 91.9% ONNX Runtime; kept float: 99.7%, 99.4%; benchmarks/deploy_agreement.py); the
-# backbone holds ~95% of the MACs.
+# Regular expressions of the nodes int8 leaves float: the T2T module. Its Performer features (exp of
+# projections, a normaliser summed over every token) and its narrow many-token layers lose agreement
+# when quantized, and it holds a small share of the MACs (figures: docs/deploy.md, "Agreement with fp32").
 KEEP_FLOAT: tuple[str, ...] = (".*tokens_to_token.*",)
 
 

@@ -114,7 +114,7 @@ def load_metrics(path: Path, budget: dict[str, Any]) -> dict[str, Any] | None:
 
 def run_num_classes(out: Path) -> int | None:
     """Classifier width of a finished run, from its checkpoint's metadata (the data set decides it)."""
-    from t2t_vit.checkpoint import read_metadata
+    from t2t_vit.reading import read_metadata
 
     for name in ("checkpoint-last.safetensors", "checkpoint-best.safetensors"):
         if (out / name).exists():

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from t2t_vit.errors import MissingDependency, T2TViTError, require
+from t2t_vit.metadata import checkpoint_metadata
 from t2t_vit.storage import atomic_write
 from t2t_vit.table import is_t2t_vit
 from t2t_vit.train import preempt, recipe, report, rundir, state as ckpt
@@ -265,10 +266,10 @@ class Run:
     # ---- checkpoints ---------------------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
         cfg, parts = self.cfg, self.parts
-        return dict(model=cfg.model, model_kwargs=cfg.model_kwargs, num_classes=str(parts.num_classes),
-                    img_size=cfg.img_size, stem=cfg.stem if is_t2t_vit(cfg.model) else "", class_names=parts.class_names,
-                    preferred=self.preferred(), step=str(self.counters.step), data_config=parts.data_config,
-                    dataset=str(cfg.data))
+        return checkpoint_metadata(model=cfg.model, model_kwargs=cfg.model_kwargs, num_classes=parts.num_classes,
+                                   img_size=cfg.img_size, stem=cfg.stem if is_t2t_vit(cfg.model) else "",
+                                   class_names=parts.class_names, preferred=self.preferred(),
+                                   step=self.counters.step, data_config=parts.data_config, dataset=str(cfg.data))
 
     def check_output(self) -> None:
         """Stop (every rank) when the run directory was deleted or replaced: writing on would create a

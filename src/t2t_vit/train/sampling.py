@@ -29,8 +29,8 @@ class SeededDataset(Dataset):
         in_worker = torch.utils.data.get_worker_info() is not None
         with torch.random.fork_rng(devices=[], enabled=not in_worker):
             py_state, np_state = (None, None) if in_worker else (random.getstate(), np.random.get_state())
-            # The CPU generator alone: torch.manual_seed also seeds every accelerator backend, which
-            # costs ~100x more per call and would be paid once per sample (the CPU stream is the same).
+            # The CPU generator alone: torch.manual_seed also seeds every accelerator backend, a cost
+            # paid once per sample for nothing (the CPU stream is the same; timings: docs/benchmarks.md).
             torch.default_generator.manual_seed(sample_seed)
             random.seed(sample_seed)
             np.random.seed(sample_seed % 2**32)

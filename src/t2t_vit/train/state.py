@@ -26,10 +26,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from t2t_vit.checkpoint import FORMAT, read_metadata, split_ema
 from t2t_vit.errors import T2TViTError
 from t2t_vit.interop import save_timm_checkpoint, timm_path
-from t2t_vit.reading import check_zip_bounds
+from t2t_vit.reading import check_zip_bounds, read_metadata, split_ema
 from t2t_vit.storage import atomic_write, save_weights
 
 def rng_state() -> dict[str, Any]:
@@ -66,7 +65,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(stem: str, model: nn.Module, ema: nn.Module | None, meta: dict[str, Any],
                     state: dict[str, Any] | None) -> None:
-    """Write ``stem.state.pt`` (if ``state``) then ``stem.safetensors``; both carry ``meta['step']``."""
+    """Write ``stem.state.pt`` (if ``state``) then ``stem.safetensors``; both carry ``meta['step']``.
+
+    ``meta`` is written as given (the trainer builds it with :func:`t2t_vit.metadata.checkpoint_metadata`)."""
     if state is not None:
         buffer = io.BytesIO()
         torch.save(state, buffer)
@@ -74,8 +75,8 @@ def save_checkpoint(stem: str, model: nn.Module, ema: nn.Module | None, meta: di
         if os.path.exists(final):
             os.replace(final, f"{stem}.state.prev.pt")
         atomic_write(final, buffer.getvalue())
-    save_weights(model, f"{stem}.safetensors", {**meta, "format": FORMAT}, ema=ema)
-    save_timm_checkpoint(timm_path(stem), model, ema, {**meta, "format": FORMAT})  # for timm's scripts
+    save_weights(model, f"{stem}.safetensors", meta, ema=ema)
+    save_timm_checkpoint(timm_path(stem), model, ema, meta)  # for timm's scripts
 
 
 def checkpoint_stem(path: str) -> str:
