@@ -382,3 +382,29 @@ def test_each_fields_rules_drive_both_the_help_and_the_checks(capsys):
         if rule.bounds:
             with pytest.raises(T2TViTError, match=rf"must be in \[{rule.bounds[0]}, {rule.bounds[1]}"):
                 TrainConfig(**{name: rule.bounds[1] + 1}).validate()
+
+
+def test_a_teacher_named_without_a_checkpoint_teaches_with_its_released_weights(monkeypatch):
+    """A name or tag alone used to build the architecture with random weights, which teaches noise."""
+    import timm
+    import t2t_vit
+    from t2t_vit.errors import T2TViTError
+    from t2t_vit.train import distill
+    from t2t_vit.train.config import TrainConfig
+
+    asked = []
+
+    def create(name, pretrained=False, **kwargs):
+        asked.append((name, pretrained))
+        return timm.models.create_model("resnet10t", num_classes=10 if "ten" in name else 1000)
+
+    monkeypatch.setattr(t2t_vit, "create_model", create)
+    monkeypatch.setattr(timm, "create_model", create)
+    for name in ("t2t_vit_14.in1k", "t2t_vit_14", "resnet18.a1_in1k"):
+        cfg = TrainConfig(model="t2t_vit_7", teacher=name).validate()
+        with pytest.raises(T2TViTError, match="predicts 1000 classes but the data set has 10"):
+            distill.build_teacher(cfg, 10, torch.device("cpu"))
+    assert asked == [("t2t_vit_14.in1k", True), ("t2t_vit_14", True), ("resnet18.a1_in1k", True)]
+    teacher = distill.build_teacher(TrainConfig(model="t2t_vit_7", teacher="resnet18.ten").validate(), 10,
+                                    torch.device("cpu"))
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())

@@ -31,16 +31,19 @@ class DistillationLoss(nn.Module):
 
 
 def build_teacher(cfg: ValidConfig, num_classes: int, device: torch.device) -> nn.Module:
-    """The teacher from one of our checkpoints (architecture read from its metadata), or a model
-    name with optional ``teacher_checkpoint``; frozen and in eval mode."""
+    """The teacher from one of our checkpoints (architecture read from its metadata), a model name
+    with ``teacher_checkpoint``, or a model name or tag alone: its released weights; frozen, in eval
+    mode. A name alone never builds random weights: a teacher with random weights teaches noise."""
     from t2t_vit.checkpoint import load_checkpoint
     from t2t_vit.checkpoint import model_from_checkpoint
     from t2t_vit.train.recipe import build_model
 
     if cfg.teacher_source.kind == "file":
         teacher = model_from_checkpoint(cfg.teacher)
+    elif not cfg.teacher_checkpoint:
+        teacher = pretrained_teacher(cfg.teacher, num_classes)
     else:
-        teacher = build_model(cfg, num_classes, name=cfg.teacher, kwargs={})
+        teacher = build_model(cfg, num_classes, name=cfg.teacher_source.model, kwargs={})
         if cfg.teacher_checkpoint:
             report = load_checkpoint(teacher, cfg.teacher_checkpoint)
             if report.replaced_head:  # a teacher with a fresh head would teach noise
@@ -48,3 +51,23 @@ def build_teacher(cfg: ValidConfig, num_classes: int, device: torch.device) -> n
                                   f"head but the data set has {report.replaced_head[1]} classes")
     teacher.requires_grad_(False)
     return teacher.to(device).eval()
+
+
+def pretrained_teacher(name: str, num_classes: int) -> nn.Module:
+    """The released weights of a model name or tag (T2T-ViT or any timm model), downloaded on request;
+    refused when its classes are not the data set's."""
+    import timm
+
+    import t2t_vit
+    from t2t_vit.table import is_t2t_vit
+
+    create = t2t_vit.create_model if is_t2t_vit(name.split(".")[0]) else timm.create_model
+    try:
+        teacher = create(name, pretrained=True)
+    except RuntimeError as err:  # timm: no pretrained weights registered for this name
+        raise T2TViTError(f"--teacher {name} has no released weights to teach with; give --teacher-checkpoint "
+                          f"or a checkpoint file ({' '.join(str(err).split())})") from err
+    if teacher.num_classes != num_classes:
+        raise T2TViTError(f"--teacher {name} predicts {teacher.num_classes} classes but the data set has "
+                          f"{num_classes}; fine-tune a teacher on this data and pass its checkpoint")
+    return teacher
