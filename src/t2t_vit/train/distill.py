@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from t2t_vit.errors import T2TViTError
+from t2t_vit.modelsource import ModelSource
 from t2t_vit.train.config import ValidConfig
 
 
@@ -41,19 +42,18 @@ def build_teacher(cfg: ValidConfig, num_classes: int, device: torch.device) -> n
     if cfg.teacher_source.kind == "file":
         teacher = model_from_checkpoint(cfg.teacher)
     elif not cfg.teacher_checkpoint:
-        teacher = pretrained_teacher(cfg.teacher, num_classes)
+        teacher = pretrained_teacher(cfg.teacher_source, num_classes)
     else:
         teacher = build_model(cfg, num_classes, name=cfg.teacher_source.model, kwargs={})
-        if cfg.teacher_checkpoint:
-            report = load_checkpoint(teacher, cfg.teacher_checkpoint)
-            if report.replaced_head:  # a teacher with a fresh head would teach noise
-                raise T2TViTError(f"--teacher-checkpoint {cfg.teacher_checkpoint} has a {report.replaced_head[0]}-class "
-                                  f"head but the data set has {report.replaced_head[1]} classes")
+        report = load_checkpoint(teacher, cfg.teacher_checkpoint)
+        if report.replaced_head:  # a teacher with a fresh head would teach noise
+            raise T2TViTError(f"--teacher-checkpoint {cfg.teacher_checkpoint} has a {report.replaced_head[0]}-class "
+                              f"head but the data set has {report.replaced_head[1]} classes")
     teacher.requires_grad_(False)
     return teacher.to(device).eval()
 
 
-def pretrained_teacher(name: str, num_classes: int) -> nn.Module:
+def pretrained_teacher(source: ModelSource, num_classes: int) -> nn.Module:
     """The released weights of a model name or tag (T2T-ViT or any timm model), downloaded on request;
     refused when its classes are not the data set's."""
     import timm
@@ -61,7 +61,8 @@ def pretrained_teacher(name: str, num_classes: int) -> nn.Module:
     import t2t_vit
     from t2t_vit.table import is_t2t_vit
 
-    create = t2t_vit.create_model if is_t2t_vit(name.split(".")[0]) else timm.create_model
+    name = source.text
+    create = t2t_vit.create_model if source.kind == "tag" or is_t2t_vit(source.model) else timm.create_model
     try:
         teacher = create(name, pretrained=True)
     except RuntimeError as err:  # timm: no pretrained weights registered for this name
