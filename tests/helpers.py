@@ -126,3 +126,19 @@ def eval_top1(checkpoint, data) -> float:
         assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--workers", "0",
                      "--device", "cpu"]) == 0
     return float(re.search(r"top-1 ([\d.]+)%", text.getvalue()).group(1))
+
+
+# ---- `t2t-vit train` configs (tests/test_train_cli.py, tests/test_train_config.py) -----------------------
+# A one-step training of a tiny T2T-ViT-7 at 32 px.
+BASE = dict(model="t2t_vit_7", model_kwargs=dict(embed_dim=64, depth=2, num_heads=2, token_dim=16), img_size=32,
+            stem="small", workers=0, threads=1, log_every=1000, epochs=1, max_steps=1, batch_size=8)
+
+
+def captured_config(argv: list[str], monkeypatch) -> t2t_vit.train.TrainConfig:
+    """The config `t2t-vit train ARGV` would train, without training."""
+    import t2t_vit.train.engine as engine
+
+    seen = {}
+    monkeypatch.setattr(engine, "train", lambda cfg: seen.setdefault("cfg", cfg))
+    assert main(["train", *argv]) == 0
+    return seen["cfg"]
