@@ -152,6 +152,50 @@ def test_strided_soft_split_equals_unfold(kernel, stride, padding, channels, hei
     assert torch.equal(split(image), expected)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    kernel=st.integers(1, 7), stride=st.integers(1, 4), padding=st.integers(0, 3),
+    channels=st.integers(1, 5), height=st.integers(7, 20), width=st.integers(7, 20),
+)
+def test_pixel_major_split_is_the_unfold_tokens_in_its_order(kernel, stride, padding, channels, height, width):
+    padding = min(padding, kernel // 2)
+    torch.manual_seed(0)
+    image = torch.randn(2, height * width, channels).transpose(1, 2).reshape(2, channels, height, width)
+    image.requires_grad_(True)
+    tokens, order = SoftSplit(kernel, stride, padding, channels, pixel_major=True).split(image)
+    expected = F.unfold(image, kernel, padding=padding, stride=stride).transpose(1, 2)
+    # pixel-major feature (row·k + column)·C + channel is channel-major feature (channel·k + row)·k + column
+    assert order.tolist() == [(c * kernel + r) * kernel + q for r in range(kernel) for q in range(kernel)
+                              for c in range(channels)]
+    assert torch.equal(tokens, expected[..., order])
+    grad, = torch.autograd.grad(tokens.square().sum(), image)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected.square().sum(), image)[0])
+    channel_major, none = SoftSplit(kernel, stride, padding, channels).split(image)
+    assert none is None and torch.equal(channel_major, expected)
+
+
+def test_compiled_split_is_one_opaque_copy_equal_to_eager():
+    # under torch.compile the pixel-major gather is a custom op (inductor fused it into scalar index code)
+    image = torch.randn(2, 16, 12, 12).transpose(2, 3)  # a non-contiguous view, as after restructurize
+    torch.library.opcheck(torch.ops.t2t_vit.pixel_major_patches, (image, 3, 2, 1))
+    split = SoftSplit(3, 2, 1, 16, pixel_major=True)
+    graphs = []
+
+    def count_graphs(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda x: split.split(x)[0], backend=count_graphs, fullgraph=True)
+    out = compiled(image)
+    assert torch.equal(out, split.split(image)[0])
+    called = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
+    assert "t2t_vit.pixel_major_patches" in called
+    image.requires_grad_(True)  # training keeps the differentiable view ops
+    compiled(image)
+    assert "t2t_vit.pixel_major_patches" not in {
+        str(node.target) for node in graphs[-1].graph.nodes if node.op == "call_function"}
+
+
 def test_performer_feature_map_gradient_is_finite_at_zero_tokens():
     # At init, zero-padded corner patches give exactly-zero q/k (zero biases): ‖t‖ has no gradient there.
     module = TokenPerformer(27, 16)

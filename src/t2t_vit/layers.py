@@ -157,8 +157,12 @@ class Attention(nn.Module):
         return t.view(t.shape[0], t.shape[1], self.num_heads, self.out_dim // self.num_heads).transpose(1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        batch, tokens = x.shape[0], x.shape[1]
         q, k, v = self.project_qkv(x)
+        return self.attend(q, k, v)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The layer's output from its queries, keys and values, each (B, N, out_dim)."""
+        batch, tokens = q.shape[0], q.shape[1]
         y = self.core(self.split_heads(q), self.split_heads(k), self.split_heads(v))
         y = self.proj(y.transpose(1, 2).reshape(batch, tokens, self.out_dim))
         y = self.proj_drop(self.se_layer(y))

@@ -87,6 +87,33 @@ def restructurize(tokens: Tensor, height: int, width: int) -> Tensor:
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
 
 
+def pixel_major_windows(image: Tensor, kernel: int, stride: int, padding: int) -> Tensor:
+    """The soft split's k×k windows of (B, C, H, W) as a (B, h, w, k, k, C) view of the padded
+    channels-last pixels: each window's features pixel-major, runs of k·C contiguous values."""
+    k, s, p = kernel, stride, padding
+    pixels = F.pad(image.permute(0, 2, 3, 1), [0, 0, p, p, p, p])  # (B, H+2p, W+2p, C)
+    return pixels.unfold(1, k, s).unfold(2, k, s).permute(0, 1, 2, 4, 5, 3)
+
+
+def pixel_major_patches(image: Tensor, kernel: int, stride: int, padding: int) -> Tensor:
+    """Soft split (B, C, H, W) → (B, L, k·k·C), each patch's features pixel-major."""
+    windows = pixel_major_windows(image, kernel, stride, padding)
+    return windows.reshape(image.shape[0], -1, image.shape[1] * kernel * kernel)
+
+
+@torch.library.custom_op("t2t_vit::pixel_major_patches", mutates_args=())
+def _pixel_major_patches_op(image: Tensor, kernel: int, stride: int, padding: int) -> Tensor:
+    windows = pixel_major_windows(image, kernel, stride, padding).clone(memory_format=torch.contiguous_format)
+    return windows.view(image.shape[0], -1, image.shape[1] * kernel * kernel)  # one copy, never the input
+
+
+@_pixel_major_patches_op.register_fake
+def _(image: Tensor, kernel: int, stride: int, padding: int) -> Tensor:
+    rows = split_size(image.shape[2], kernel, stride, padding)
+    cols = split_size(image.shape[3], kernel, stride, padding)
+    return image.new_empty(image.shape[0], rows * cols, image.shape[1] * kernel * kernel)
+
+
 class SoftSplit(nn.Module):
     """Overlapping k×k patches flattened into tokens: (B, C, H, W) → (B, L, C·k·k), channel-major.
 
@@ -94,23 +121,50 @@ class SoftSplit(nn.Module):
     channels-last view in one copy, so tokens that were just re-structurized are split without a
     transpose and come out contiguous for the LayerNorm that follows; "unfold" is ``nn.Unfold``
     followed by a transpose, as the paper's code has it. Both give the same tokens.
+
+    With ``pixel_major``, :meth:`split` (which the T2T module calls) returns the same features in
+    pixel-major order (k·k positions × C channels) with ``order``, the channel-major index of each:
+    from channels-last pixels that gather copies runs of k·C contiguous values, where the
+    channel-major one reads every value C apart (4–25× slower here), and the next T2T layer reads
+    its parameters in ``order`` instead.
     """
 
-    def __init__(self, kernel: int, stride: int, padding: int) -> None:
+    def __init__(self, kernel: int, stride: int, padding: int, channels: int = 1, pixel_major: bool = False) -> None:
         super().__init__()
         self.kernel, self.stride, self.padding = kernel, stride, padding
         self.soft_split_method = switchboard.default("soft_split")
+        self.pixel_major = pixel_major
+        order = torch.arange(channels * kernel * kernel).view(channels, kernel, kernel).permute(1, 2, 0).reshape(-1)
+        self.register_buffer("order", order, persistent=False)  # derived from the shape, never saved
 
     def forward(self, image: Tensor) -> Tensor:
         k, s, p = self.kernel, self.stride, self.padding
         if self.soft_split_method == "unfold":
             return F.unfold(image, kernel_size=k, stride=s, padding=p).transpose(1, 2)
-        pixels = F.pad(image.permute(0, 2, 3, 1), [0, 0, p, p, p, p])  # (B, H+2p, W+2p, C)
-        patches = pixels.unfold(1, k, s).unfold(2, k, s)  # view (B, h, w, C, k, k)
-        return patches.reshape(image.shape[0], -1, image.shape[1] * k * k).contiguous()  # no-op unless k = 1
+        windows = pixel_major_windows(image, k, s, p).permute(0, 1, 2, 5, 3, 4)  # (B, h, w, C, k, k)
+        return windows.reshape(image.shape[0], -1, image.shape[1] * k * k).contiguous()  # no-op unless k = 1
+
+    def split(self, image: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """The tokens and, where they are pixel-major, the channel-major index of each feature."""
+        if self.soft_split_method != "strided" or not self.pixel_major:
+            return self(image), None
+        if torch.jit.is_scripting():
+            return pixel_major_patches(image, self.kernel, self.stride, self.padding), self.order
+        elif torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not image.requires_grad:
+            # inductor would fuse the gather into the LayerNorm that follows as scalar index
+            # arithmetic (18 ms a batch of 8 against 2 ms eager); as an opaque op it stays one copy
+            return torch.ops.t2t_vit.pixel_major_patches(image, self.kernel, self.stride, self.padding), self.order
+        else:
+            return pixel_major_patches(image, self.kernel, self.stride, self.padding), self.order
 
     def extra_repr(self) -> str:
         return f"kernel={self.kernel}, stride={self.stride}, padding={self.padding}"
+
+
+def linear_in_order(x: Tensor, weight: Tensor, bias: Optional[Tensor], order: Optional[Tensor]) -> Tensor:
+    """A Linear of channel-major tokens applied to tokens whose features come in ``order`` (None:
+    channel-major): the same function, with the weight's columns read in that order."""
+    return F.linear(x, weight if order is None else weight[:, order], bias)
 
 
 PIXEL_NORMS = ("layernorm", "rmsnorm", "none")
@@ -132,7 +186,24 @@ def pixel_norm(kind: str, dim: int) -> nn.Module:
     raise T2TViTError(f"unknown pixel norm {kind!r}; choose one of {', '.join(PIXEL_NORMS)}")
 
 
-class TokenTransformer(nn.Module):
+class T2TLayer(nn.Module):
+    """What both T2T layers share: ``norm1`` of tokens in channel-major or pixel-major order."""
+
+    def norm1_in_order(self, x: Tensor, order: Optional[Tensor]) -> Tensor:
+        """``norm1`` (LayerNorm, RMSNorm or Identity) of tokens whose features come in ``order``
+        (see :meth:`SoftSplit.split`), its per-feature parameters read in that order."""
+        if order is None:
+            return self.norm1(x)
+        # hasattr, unlike isinstance, is resolved when scripting
+        if hasattr(self.norm1, "bias"):  # LayerNorm
+            return F.layer_norm(x, [x.shape[-1]], self.norm1.weight[order], self.norm1.bias[order], self.norm1.eps)
+        elif hasattr(self.norm1, "weight"):  # RMSNorm
+            return F.rms_norm(x, [x.shape[-1]], self.norm1.weight[order], self.norm1.eps)
+        else:
+            return x
+
+
+class TokenTransformer(T2TLayer):
     """T2T layer with softmax attention: one head, width dim → out_dim, value residual.
 
     The softmax scale is dim^-0.5 (the input width, 147 or 576), as in the released checkpoints.
@@ -145,8 +216,14 @@ class TokenTransformer(nn.Module):
         self.norm2 = nn.LayerNorm(out_dim)
         self.mlp = Mlp(out_dim, int(out_dim * mlp_ratio), out_dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.attn(self.norm1(x))
+    def forward(self, x: Tensor, order: Optional[Tensor] = None) -> Tensor:
+        """``order``: the channel-major index of each feature of pixel-major tokens (SoftSplit.split)."""
+        if order is None:
+            x = self.attn(self.norm1(x))
+        else:
+            qkv = self.attn.qkv
+            q, k, v = linear_in_order(self.norm1_in_order(x, order), qkv.weight, qkv.bias, order).chunk(3, dim=-1)
+            x = self.attn.attend(q, k, v)
         return x + self.mlp(self.norm2(x))
 
 
@@ -213,7 +290,7 @@ class PerformerCore(nn.Module):
         return f"formulation={self.performer_formulation}"
 
 
-class TokenPerformer(nn.Module):
+class TokenPerformer(T2TLayer):
     """T2T layer with Performer attention (linear in the token count), as the reference has it.
 
     φ(t) = exp(t·wᵀ − ‖t‖²/2)/√m with a fixed orthogonal w (m × out_dim, scaled by √m), drawn once
@@ -248,8 +325,9 @@ class TokenPerformer(nn.Module):
         """Linear-time attention in float32, (B, N, out_dim)."""
         return self.core(q, k, v, self.w)
 
-    def forward(self, x: Tensor) -> Tensor:
-        kqv = self.kqv(self.norm1(x))
+    def forward(self, x: Tensor, order: Optional[Tensor] = None) -> Tensor:
+        """``order``: the channel-major index of each feature of pixel-major tokens (SoftSplit.split)."""
+        kqv = linear_in_order(self.norm1_in_order(x, order), self.kqv.weight, self.kqv.bias, order)
         k, q, v = kqv[..., : self.out_dim], kqv[..., self.out_dim : 2 * self.out_dim], kqv[..., 2 * self.out_dim :]
         y = self.core(q, k, v, self.w).to(v.dtype)
         y = v + self.dp(self.proj(y))
@@ -308,7 +386,9 @@ class T2TModule(nn.Module):
         self.specs = resolve_stem(stem)
         width = in_chans
         for index, (kernel, stride, padding) in enumerate(self.specs):
-            self.add_module(f"soft_split{index}", SoftSplit(kernel, stride, padding))
+            # the last split stays channel-major: `project` then runs as the module users hook and pick
+            pixel_major = index < len(self.specs) - 1
+            self.add_module(f"soft_split{index}", SoftSplit(kernel, stride, padding, width, pixel_major))
             width = width * kernel * kernel
             if index < len(self.specs) - 1:
                 options = dict(kernel_ratio=kernel_ratio, drop=drop_rate) if layer == "performer" else {}
@@ -330,17 +410,16 @@ class T2TModule(nn.Module):
         tokens = image
         height, width = image.shape[-2], image.shape[-1]
         stages: List[Tensor] = []
-        step = 0
-        for name, child in self.named_children():
-            if name.startswith("soft_split"):
-                kernel, stride, padding = self.specs[step]
+        order: Optional[Tensor] = None  # the feature order of pixel-major tokens, None when channel-major
+        for child in self.children():  # in the order they run
+            if isinstance(child, SoftSplit):
+                kernel, stride, padding = child.kernel, child.stride, child.padding
                 height, width = split_size(height, kernel, stride, padding), split_size(width, kernel, stride, padding)
-                tokens = child(image)
-                step += 1
-            elif name.startswith("attention"):
-                image = restructurize(child(tokens), height, width)
+                tokens, order = child.split(image)
+            elif hasattr(child, "norm1"):  # a T2T layer (hasattr, unlike isinstance, is resolved when scripting)
+                image = restructurize(child(tokens, order), height, width)
                 stages.append(image)
-            else:
+            else:  # the projection to the backbone width (Eq. 4)
                 tokens = child(tokens)
         return tokens, stages
 
