@@ -17,7 +17,7 @@ PACKAGE = SRC / "t2t_vit"
 # Lower number = lower layer. A module may import its own layer and the layers below it.
 # Modules not named here belong to the library ring; command modules sit on top.
 BASE = {"errors", "runtime"}
-CORE = {"layers", "t2t", "tokenizers", "blocks", "model", "switchboard", "precision", "table"}
+CORE = {"layers", "t2t", "t2t_layers", "tokenizers", "blocks", "model", "switchboard", "precision", "table"}
 LOADING = {"reading", "metadata", "adapting", "checkpoint", "hub", "pretrained", "storage", "variants",
            "modelguard", "interop", "modelsource"}
 COMMANDS = {"cli", "cli_args", "__main__", "predict", "export", "visualize", "train.cli"}

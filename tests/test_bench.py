@@ -55,6 +55,7 @@ def test_every_comparison_case_runs_one_step_with_a_kernel_and_onnx_agrees():
     cases = {(r["task"], r["model"], r["mode"]) for r in rows}
     ours = {(t, "t2t_vit_7", m) for t in ("infer", "train") for m in ("reference", "reference-bf16", "fp32", "bf16")}
     theirs = {(t, o, m) for t in ("infer", "train") for o in OTHERS for m in ("fp32", "bf16-autocast")}
+    theirs |= {("infer", o, "bf16") for o in OTHERS}  # weights cast, like ours
     onnx = {("infer", "t2t_vit_7", "onnx")} if HAS_ONNX else set()  # ONNX Runtime runs inference only
     assert cases == ours | theirs | onnx
     for row in rows:
@@ -88,15 +89,21 @@ def test_reference_modes_use_the_papers_formulation():
         assert "math" in kernels and "fused" not in kernels
 
 
-def test_compile_bf16_mode_compiles_and_runs_under_autocast(monkeypatch):
+def test_compile_bf16_compiles_the_bf16_model_for_inference_and_autocast_for_training(monkeypatch):
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda model, backend: compiled.append(backend) or model)
-    model = build_case("t2t_vit_7", "compile-bf16", img_size=32)
-    assert compiled == ["inductor"]
-    seen = []
-    model.head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
-    make_step(model, "compile-bf16", "infer", torch.randn(1, 3, 32, 32), torch.zeros(1, dtype=torch.long))()
-    assert seen == [torch.bfloat16]
+    fake_compile = lambda model, backend, options=None: compiled.append(
+        (backend, options, next(model.parameters()).dtype)) or model
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    images, labels = torch.randn(1, 3, 32, 32), torch.zeros(1, dtype=torch.long)
+    for task, expected in [("infer", ("inductor", {"freezing": True}, torch.bfloat16)),
+                           ("train", ("inductor", None, torch.float32))]:
+        model = build_case("t2t_vit_7", "compile-bf16", img_size=32)
+        assert compiled == []  # compiled by make_step, as it will run
+        seen = []
+        model.head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        make_step(model, "compile-bf16", task, images, labels)()
+        assert compiled == [expected] and seen == [torch.bfloat16]  # bf16 weights, or fp32 ones under autocast
+        compiled.clear()
 
 
 def test_forward_flops_count_every_matmul(monkeypatch):

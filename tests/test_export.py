@@ -167,7 +167,7 @@ def _tiny_performer_normaliser(model):
     T2T layers reach on real images, where only the `+ ε` of the normaliser keeps 0/0 away."""
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, t2t_vit.t2t.TokenPerformer):
+            if isinstance(module, t2t_vit.t2t_layers.TokenPerformer):
                 module.kqv.weight.mul_(5)
     return model
 

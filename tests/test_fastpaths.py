@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 import t2t_vit
 from t2t_vit.layers import Attention
 from t2t_vit.switchboard import choices_of, configure, reference_formulation
-from t2t_vit.t2t import SoftSplit, TokenPerformer, performer_features
+from t2t_vit.t2t import SoftSplit
+from t2t_vit.t2t_layers import TokenPerformer, performer_features
 
 from helpers import tiny
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import t2t_vit
 from t2t_vit.agreement import bf16_agreement, digits_data, train_briefly
 from t2t_vit.precision import for_inference
-from t2t_vit.t2t import TokenPerformer, performer_attention
+from t2t_vit.t2t_layers import TokenPerformer, performer_attention
 
 from helpers import tiny
 

@@ -156,7 +156,7 @@ def test_openvino_keeps_the_performer_epsilon():
     model = t2t_vit.create_model("t2t_vit_7", num_classes=7, img_size=32, stem="small").eval()
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, t2t_vit.t2t.TokenPerformer):
+            if isinstance(module, t2t_vit.t2t_layers.TokenPerformer):
                 module.kqv.weight.mul_(5)
     x = export.example_input(model, 3, seed=1)
     with torch.no_grad():

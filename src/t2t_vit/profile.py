@@ -4,7 +4,7 @@ MACs are counted on the ``meta`` device: there every op has a registered FLOP fo
 is computed. "MACs without attention" leaves out the attention cores — q·kᵀ and attn·v, or the
 Performer's feature maps and products — the convention some third-party tables use. The cores are
 parameter-free submodules (:class:`~t2t_vit.layers.AttentionCore`,
-:class:`~t2t_vit.t2t.PerformerCore`), so FlopCounterMode's per-module counts give them directly.
+:class:`~t2t_vit.t2t_layers.PerformerCore`), so FlopCounterMode's per-module counts give them directly.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from t2t_vit.layers import AttentionCore
-from t2t_vit.t2t import PerformerCore
+from t2t_vit.t2t_layers import PerformerCore
 
 ATTENTION_CORES = (AttentionCore, PerformerCore)
 

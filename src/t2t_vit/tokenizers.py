@@ -7,7 +7,8 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from t2t_vit.errors import T2TViTError
-from t2t_vit.t2t import T2T_LAYERS, SoftSplitSpec, T2TModule, resolve_stem, token_grid
+from t2t_vit.t2t import SoftSplitSpec, T2TModule, resolve_stem, token_grid
+from t2t_vit.t2t_layers import T2T_LAYERS
 
 
 class PatchTokenizer(nn.Module):

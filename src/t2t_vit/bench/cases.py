@@ -10,13 +10,16 @@ a closure with no arguments. Modes of a T2T-ViT model:
 - ``bf16``: inference with the explicit bf16 model of :func:`t2t_vit.precision.for_inference`;
   a training step runs the defaults under bf16 autocast;
 - ``onnx``: the fp32 defaults exported to ONNX, run by ONNX Runtime on the CPU (inference only);
-- ``compile`` / ``compile-bf16``: the defaults under ``torch.compile`` (opt-in), with the number
-  of graph breaks ``torch._dynamo.explain`` finds;
+- ``compile`` / ``compile-bf16``: ``fp32`` / ``bf16`` under ``torch.compile`` (opt-in; inductor,
+  with weight freezing for inference on the CPU), with the number of graph breaks
+  ``torch._dynamo.explain`` finds;
 - ``openvino`` / ``openvino-bf16`` / ``openvino-int8`` / ``onnx-int8``: the model on OpenVINO (f32,
   bf16, NNCF int8) or ONNX Runtime (int8), each timed in a fresh process
   (:mod:`t2t_vit.bench.runtimes`; inference on the CPU only, also for timm's models).
 
-timm's models (:data:`OTHERS`) run in ``fp32`` and ``bf16-autocast``.
+timm's models (:data:`OTHERS`) run in ``fp32`` and ``bf16-autocast``, in inference also ``bf16``
+(weights cast by the same ``for_inference``), and in the compiled and runtime modes asked for the
+T2T-ViT model beside them.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ MODES = ("reference", "reference-bf16", "fp32", "bf16", "onnx", "compile", "comp
 DEFAULT_MODES = ("reference", "reference-bf16", "fp32", "bf16", "onnx")
 QUICK_MODES = ("reference", "reference-bf16", "fp32", "bf16")
 OTHER_MODES = ("fp32", "bf16-autocast")
+OTHER_INFER_MODES = (*OTHER_MODES, "bf16")  # in training, bf16 is autocast
 GPU_MODELS = ("t2t_vit_14", "t2t_vit_t_14")
 GPU_TASKS = (("infer", 256), ("train", 64), ("train", 128), ("train", 256))
 
@@ -64,8 +68,6 @@ def build_case(name: str, mode: str, base: nn.Module | None = None, **model_kwar
     model = copy.deepcopy(base) if base is not None else t2t_vit.create_model(name, **model_kwargs)
     if mode.startswith("reference"):
         reference_formulation(model)
-    if mode.startswith("compile"):
-        model = torch.compile(model, backend="inductor")
     return model
 
 
@@ -82,14 +84,19 @@ def build_other(name: str, img_size: int = 224) -> nn.Module:
 def make_step(model: nn.Module, mode: str, task: str, images: Tensor, labels: Tensor) -> Callable[[], None]:
     """A closure running one inference forward or one SGD training step of ``model`` in ``mode``.
 
-    Inference in mode ``bf16`` runs the explicit bf16 model of ``for_inference`` (no autocast);
-    every other bf16 mode, and every bf16 training step, runs under bf16 autocast.
+    Inference in modes ``bf16`` and ``compile-bf16`` runs the explicit bf16 model of
+    ``for_inference`` (no autocast); every other bf16 mode, and every bf16 training step, runs
+    under bf16 autocast. Compiled inference on the CPU freezes the weights into the graph (what
+    inductor needs to pre-pack them for oneDNN).
     """
     precision, device = precision_of(mode), images.device
+    compiled = mode.startswith("compile")
     if task == "infer":
         model.eval()
-        if mode == "bf16":
+        if mode in ("bf16", "compile-bf16"):
             model, precision = for_inference(model, dtype=torch.bfloat16), "fp32"
+        if compiled:
+            model = torch.compile(model, backend="inductor", options=dict(freezing=device.type == "cpu"))
 
         def infer() -> None:
             with torch.inference_mode(), autocast(device, precision):
@@ -99,6 +106,8 @@ def make_step(model: nn.Module, mode: str, task: str, images: Tensor, labels: Te
         return infer
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    if compiled:
+        model = torch.compile(model, backend="inductor")
 
     def train() -> None:
         with autocast(device, precision):
@@ -179,7 +188,9 @@ def warm_case(
     kernel = kernel_summary(name, getattr(step, "model", model), mode, task, img_size, device.type)
     case.update(step=step, kernel=kernel)
     if mode.startswith("compile"):
-        case["graph_breaks"] = graph_breaks(getattr(model, "_orig_mod", model), images, precision_of(mode))
+        ran = getattr(step.model, "_orig_mod", step.model)
+        precision = "fp32" if task == "infer" and mode == "compile-bf16" else precision_of(mode)  # bf16 weights
+        case["graph_breaks"] = graph_breaks(ran, images, precision)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         case["peak_mb"] = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20

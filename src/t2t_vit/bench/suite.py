@@ -14,7 +14,7 @@ import torch
 import t2t_vit
 from t2t_vit.agreement import digits_agreement
 from t2t_vit.bench.cases import (
-    AGREEMENT_MODEL, COMPILE_BATCH, COMPILE_MODELS, OTHER_MODES, OTHERS, RUNTIME_MODES, build_other, precision_of,
+    AGREEMENT_MODEL, COMPILE_BATCH, COMPILE_MODELS, OTHER_INFER_MODES, OTHER_MODES, OTHERS, RUNTIME_MODES, build_other, precision_of,
     warm_case,
 )
 from t2t_vit.bench.measure import cpu_isa, forward_flops, matmul_rate, profile_bound, time_alternating, training_memory
@@ -34,8 +34,9 @@ def _group_cases(name: str, modes: Iterable[str], others: Iterable[str], task: s
         if (mode == "onnx" or mode in RUNTIME_MODES) and (task != "infer" or device.type != "cpu"):
             continue  # ONNX Runtime and OpenVINO run inference, on the CPU
         cases.append((name, mode))
-    runtimes = [m for _, m in cases if m in RUNTIME_MODES]
-    return cases + [(other, mode) for other in others for mode in (*OTHER_MODES, *runtimes)]
+    beside = [m for _, m in cases if m in RUNTIME_MODES or m.startswith("compile")]  # timm's models too
+    own = OTHER_INFER_MODES if task == "infer" else OTHER_MODES
+    return cases + [(other, mode) for other in others for mode in (*own, *beside)]
 
 
 def _runtime_cases(cases, task, batch, img_size, repeats, log) -> tuple[dict, dict, list[dict]]:

@@ -6,7 +6,7 @@ from typing import Any
 
 from t2t_vit.errors import T2TViTError
 from t2t_vit.profile import count_macs
-from t2t_vit.t2t import PIXEL_NORMS
+from t2t_vit.t2t_layers import PIXEL_NORMS
 from t2t_vit.table import is_t2t_vit
 
 IMG_SIZE = 32
