@@ -130,7 +130,7 @@ def test_suite_json_and_table_have_floors_kernels_and_bounds(tmp_path, monkeypat
         assert {"floor_s", "of_floor", "of_peak", "profile"} <= set(row) and row["kernel"]
         assert row["of_floor"] == pytest.approx(row["seconds"] / row["floor_s"])
     table = format_table(result)
-    assert table.count("\n| ") == 4 and "bounded by" in table and "none (convolutions)" in table
+    assert table.count("\n| ") == 5 and "bounded by" in table and "none (convolutions)" in table
     assert "resnet50 fp32" in comparison_table(result) and "infer 8" in comparison_table(result)
     assert result["targets"][-1]["target"].startswith("every case") and result["targets"][-1]["met"]
     json.dumps(result)  # everything in it is plain data

@@ -93,8 +93,9 @@ def make_step(model: nn.Module, mode: str, task: str, images: Tensor, labels: Te
     compiled = mode.startswith("compile")
     if task == "infer":
         model.eval()
-        if mode in ("bf16", "compile-bf16"):
+        if mode in ("bf16", "compile-bf16"):  # bf16 images too: timm's models do not cast their input
             model, precision = for_inference(model, dtype=torch.bfloat16), "fp32"
+            images = images.to(torch.bfloat16)
         if compiled:
             model = torch.compile(model, backend="inductor", options=dict(freezing=device.type == "cpu"))
 
@@ -189,8 +190,10 @@ def warm_case(
     case.update(step=step, kernel=kernel)
     if mode.startswith("compile"):
         ran = getattr(step.model, "_orig_mod", step.model)
-        precision = "fp32" if task == "infer" and mode == "compile-bf16" else precision_of(mode)  # bf16 weights
-        case["graph_breaks"] = graph_breaks(ran, images, precision)
+        if task == "infer" and mode == "compile-bf16":  # bf16 weights, no autocast
+            case["graph_breaks"] = graph_breaks(ran, images.to(torch.bfloat16), "fp32")
+        else:
+            case["graph_breaks"] = graph_breaks(ran, images, precision_of(mode))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         case["peak_mb"] = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
