@@ -27,7 +27,7 @@ def _build(name: str, case: str, batch: int):
     import torch
 
     import t2t_vit
-    from t2t_vit.precision import for_inference
+    from t2t_vit.precision import autocast, for_inference
     from t2t_vit.switchboard import reference_formulation
 
     torch.manual_seed(0)
@@ -48,7 +48,7 @@ def _build(name: str, case: str, batch: int):
 
         def under_autocast(run):
             def autocast_run(x):
-                with torch.autocast("cpu", dtype=torch.bfloat16):
+                with autocast(torch.device("cpu"), "bf16"):
                     return run(x)
             return autocast_run
 
@@ -65,6 +65,9 @@ def _child(name: str, case: str, batch: int, rounds: int, threads: int) -> None:
     """Runs in a fresh interpreter: build, warm up, time whole and module alternately; JSON out."""
     import torch
 
+    from t2t_vit.runtime import tune_for_command
+
+    tune_for_command()  # as `t2t-vit bench` runs
     torch.set_num_threads(threads)
     whole, module, images = _build(name, case, batch)
     times = {"whole": [], "t2t": []}
@@ -82,8 +85,10 @@ def measure(name: str, case: str, batch: int, rounds: int, threads: int) -> dict
     """One case in a fresh interpreter: median ms of the whole forward and of the T2T module."""
     code = f"import benchmarks.t2t_module as b; b._child({name!r}, {case!r}, {batch}, {rounds}, {threads})"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # absolute, so the child imports the t2t_vit the caller meant (it runs in this folder)
+    paths = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([root, *paths])})
     if done.returncode != 0:
         return dict(model=name, case=case, failed=(done.stderr.strip().splitlines() or ["no output"])[-1])
     times = json.loads(done.stdout.strip().splitlines()[-1])
@@ -113,7 +118,9 @@ def main() -> None:
             else:
                 print(f"| {name} | {case} | {row['whole_ms']} | {row['t2t_ms']} | {row['t2t_share']:.0%} |")
     if args.json:
-        machine = dict(cpu=cpu_isa(), threads=args.threads, batch=args.batch, rounds=args.rounds,
+        import t2t_vit
+
+        machine = dict(cpu=cpu_isa(), threads=args.threads, batch=args.batch, rounds=args.rounds, t2t_vit=t2t_vit.__file__,
                        load_average=os.getloadavg(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
         with open(args.json, "w") as out:
             json.dump(dict(machine=machine, rows=rows), out, indent=1)

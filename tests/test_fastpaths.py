@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import t2t_vit
 from t2t_vit.layers import Attention
 from t2t_vit.switchboard import choices_of, configure, reference_formulation
-from t2t_vit.t2t import SoftSplit
+from t2t_vit.t2t import SoftSplit, restructurize
 from t2t_vit.t2t_layers import TokenPerformer, performer_features
 
 from helpers import tiny
@@ -163,7 +163,7 @@ def test_pixel_major_split_is_the_unfold_tokens_in_its_order(kernel, stride, pad
     torch.manual_seed(0)
     image = torch.randn(2, height * width, channels).transpose(1, 2).reshape(2, channels, height, width)
     image.requires_grad_(True)
-    tokens, order = SoftSplit(kernel, stride, padding, channels, pixel_major=True).split(image)
+    tokens, order = SoftSplit(kernel, stride, padding, pixel_major=True).split(image)
     expected = F.unfold(image, kernel, padding=padding, stride=stride).transpose(1, 2)
     # pixel-major feature (row·k + column)·C + channel is channel-major feature (channel·k + row)·k + column
     assert order.tolist() == [(c * kernel + r) * kernel + q for r in range(kernel) for q in range(kernel)
@@ -171,7 +171,7 @@ def test_pixel_major_split_is_the_unfold_tokens_in_its_order(kernel, stride, pad
     assert torch.equal(tokens, expected[..., order])
     grad, = torch.autograd.grad(tokens.square().sum(), image)
     torch.testing.assert_close(grad, torch.autograd.grad(expected.square().sum(), image)[0])
-    channel_major, none = SoftSplit(kernel, stride, padding, channels).split(image)
+    channel_major, none = SoftSplit(kernel, stride, padding).split(image)
     assert none is None and torch.equal(channel_major, expected)
 
 
@@ -179,7 +179,7 @@ def test_compiled_split_is_one_opaque_copy_equal_to_eager():
     # under torch.compile the pixel-major gather is a custom op (inductor fused it into scalar index code)
     image = torch.randn(2, 16, 12, 12).transpose(2, 3)  # a non-contiguous view, as after restructurize
     torch.library.opcheck(torch.ops.t2t_vit.pixel_major_patches, (image, 3, 2, 1))
-    split = SoftSplit(3, 2, 1, 16, pixel_major=True)
+    split = SoftSplit(3, 2, 1, pixel_major=True)
     graphs = []
 
     def count_graphs(gm, example_inputs):
@@ -191,10 +191,58 @@ def test_compiled_split_is_one_opaque_copy_equal_to_eager():
     assert torch.equal(out, split.split(image)[0])
     called = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
     assert "t2t_vit.pixel_major_patches" in called
-    image.requires_grad_(True)  # training keeps the differentiable view ops
+    image.requires_grad_(True)  # a split whose input needs a gradient keeps the differentiable view ops
     compiled(image)
     assert "t2t_vit.pixel_major_patches" not in {
         str(node.target) for node in graphs[-1].graph.nodes if node.op == "call_function"}
+
+
+class ShiftedLinear(torch.nn.Linear):
+    """A LoRA-like wrapper: a Linear whose output also depends on its first input feature."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + 0.5 * x[..., :1]
+
+
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
+def test_wrapped_or_hooked_t2t_modules_run_as_modules_on_channel_major_tokens(name):
+    # pixel-major tokens are read through the parameters only while norm1 and the first projection are
+    # torch's own modules without hooks; a wrapper (LoRA, quantization) or a hook sees channel-major tokens
+    fast, ref = tiny(name).eval(), tiny(name).eval()
+    configure(ref, soft_split="unfold")  # channel-major everywhere: every module runs as a module
+    x = torch.randn(2, 3, 16, 16)
+    for model in (fast, ref):
+        layer = model.tokens_to_token.attention1
+        old = layer.first_projection()
+        wrapped = ShiftedLinear(old.in_features, old.out_features, bias=old.bias is not None)
+        wrapped.load_state_dict(old.state_dict())
+        if hasattr(layer, "kqv"):
+            layer.kqv = wrapped
+        else:
+            layer.attn.qkv = wrapped
+    seen = []
+    fast.tokens_to_token.attention2.norm1.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
+        t2t = ref.tokens_to_token
+        expected = t2t.soft_split1(restructurize(t2t.attention1(t2t.soft_split0(x)), 16, 16))
+    assert len(seen) == 1 and torch.allclose(seen[0], expected, atol=1e-5)  # the hook saw channel-major tokens
+
+
+def test_compiled_model_runs_the_opaque_split_and_equals_eager():
+    model = tiny("t2t_vit_7").eval()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        out = torch.compile(model, backend=record, fullgraph=True)(x)
+        torch.testing.assert_close(out, model(x), rtol=1e-6, atol=1e-6)
+    ops = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert ops.count("t2t_vit.pixel_major_patches") == 2  # the two splits that feed a T2T layer
 
 
 def test_performer_feature_map_gradient_is_finite_at_zero_tokens():
@@ -205,10 +253,11 @@ def test_performer_feature_map_gradient_is_finite_at_zero_tokens():
     assert torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize("attention", ["fused", "auto"])
+@pytest.mark.parametrize("attention, pixel_norm", [("fused", "layernorm"), ("auto", "layernorm"),
+                                                   ("auto", "rmsnorm"), ("auto", "none")])
 @pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
-def test_model_fast_path_matches_reference_forward_and_backward(name, attention):
-    fast, ref = tiny(name), tiny(name)
+def test_model_fast_path_matches_reference_forward_and_backward(name, attention, pixel_norm):
+    fast, ref = tiny(name, t2t_pixel_norm=pixel_norm), tiny(name, t2t_pixel_norm=pixel_norm)
     ref.load_state_dict(fast.state_dict())
     configure(fast, attention=attention)
     reference_formulation(ref)

@@ -17,10 +17,7 @@ def test_fixed_tables_are_persistent_buffers_under_checkpoint_keys(name):
     model = create_model(name)
     fixed = {"pos_embed"} | ({"tokens_to_token.attention1.w", "tokens_to_token.attention2.w"}
                              if name == "t2t_vit_14" else set())
-    buffers = {n for n, _ in model.named_buffers()}
-    orders = {n for n in buffers if n.endswith(".order")}  # the soft splits' feature order, derived from shapes
-    assert fixed == buffers - orders
-    assert not orders & set(model.state_dict())
+    assert fixed == {n for n, _ in model.named_buffers()}
     assert not fixed & {n for n, _ in model.named_parameters()}
     assert fixed <= set(model.state_dict())
     clone = create_model(name)

@@ -113,6 +113,14 @@ def _(image: Tensor, kernel: int, stride: int, padding: int) -> Tensor:
     return image.new_empty(image.shape[0], rows * cols, image.shape[1] * kernel * kernel)
 
 
+def opaque_gather_wanted(image: Tensor) -> bool:
+    """Whether inductor is compiling an inference graph: it would fuse the pixel-major gather into
+    the LayerNorm after it as scalar index arithmetic (18 ms a batch of 8 against 2 ms eager), so
+    the gather is handed to it as one opaque op (it has no backward: a split whose input needs a
+    gradient, ``torch.export``, FX and tracing keep the differentiable view ops)."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not image.requires_grad
+
+
 class SoftSplit(nn.Module):
     """Overlapping k×k patches flattened into tokens: (B, C, H, W) → (B, L, C·k·k), channel-major.
 
@@ -128,13 +136,11 @@ class SoftSplit(nn.Module):
     its parameters in ``order`` instead.
     """
 
-    def __init__(self, kernel: int, stride: int, padding: int, channels: int = 1, pixel_major: bool = False) -> None:
+    def __init__(self, kernel: int, stride: int, padding: int, pixel_major: bool = False) -> None:
         super().__init__()
         self.kernel, self.stride, self.padding = kernel, stride, padding
         self.soft_split_method = switchboard.default("soft_split")
         self.pixel_major = pixel_major
-        order = torch.arange(channels * kernel * kernel).view(channels, kernel, kernel).permute(1, 2, 0).reshape(-1)
-        self.register_buffer("order", order, persistent=False)  # derived from the shape, never saved
 
     def forward(self, image: Tensor) -> Tensor:
         k, s, p = self.kernel, self.stride, self.padding
@@ -147,14 +153,16 @@ class SoftSplit(nn.Module):
         """The tokens and, where they are pixel-major, the channel-major index of each feature."""
         if self.soft_split_method != "strided" or not self.pixel_major:
             return self(image), None
-        if torch.jit.is_scripting():
-            return pixel_major_patches(image, self.kernel, self.stride, self.padding), self.order
-        elif torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not image.requires_grad:
-            # inductor would fuse the gather into the LayerNorm that follows as scalar index
-            # arithmetic (18 ms a batch of 8 against 2 ms eager); as an opaque op it stays one copy
-            return torch.ops.t2t_vit.pixel_major_patches(image, self.kernel, self.stride, self.padding), self.order
+        k, s, p = self.kernel, self.stride, self.padding
+        # derived from the input, not kept in a buffer that meta-device construction would leave empty
+        order = torch.arange(image.shape[1] * k * k, device=image.device)
+        order = order.view(image.shape[1], k, k).permute(1, 2, 0).reshape(-1)
+        if torch.jit.is_scripting():  # (the branches below are not compiled)
+            return pixel_major_patches(image, k, s, p), order
+        elif opaque_gather_wanted(image):
+            return torch.ops.t2t_vit.pixel_major_patches(image, k, s, p), order
         else:
-            return pixel_major_patches(image, self.kernel, self.stride, self.padding), self.order
+            return pixel_major_patches(image, k, s, p), order
 
     def extra_repr(self) -> str:
         return f"kernel={self.kernel}, stride={self.stride}, padding={self.padding}"
@@ -211,7 +219,7 @@ class T2TModule(nn.Module):
         for index, (kernel, stride, padding) in enumerate(self.specs):
             # the last split stays channel-major: `project` then runs as the module users hook and pick
             pixel_major = index < len(self.specs) - 1
-            self.add_module(f"soft_split{index}", SoftSplit(kernel, stride, padding, width, pixel_major))
+            self.add_module(f"soft_split{index}", SoftSplit(kernel, stride, padding, pixel_major))
             width = width * kernel * kernel
             if index < len(self.specs) - 1:
                 options = dict(kernel_ratio=kernel_ratio, drop=drop_rate) if layer == "performer" else {}

@@ -2,13 +2,14 @@
 softmax attention (T2T-ViTt) or the Performer's linear attention (T2T-ViT).
 
 The layers take the soft split's tokens in either feature order (see
-:meth:`t2t_vit.t2t.SoftSplit.split`): their first LayerNorm and Linear read their parameters in the
-tokens' order, so the function and the state dict are those of channel-major tokens.
+:meth:`t2t_vit.t2t.SoftSplit.split`): their first norm and Linear read their parameters in the
+tokens' order, so the function and the state dict are those of channel-major tokens (see
+:class:`T2TLayer` for when they put the tokens back in order instead).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +21,14 @@ from t2t_vit.errors import T2TViTError
 from t2t_vit.layers import Attention, Mlp
 
 
-def linear_in_order(x: Tensor, weight: Tensor, bias: Optional[Tensor], order: Optional[Tensor]) -> Tensor:
-    """A Linear of channel-major tokens applied to tokens whose features come in ``order`` (None:
-    channel-major): the same function, with the weight's columns read in that order."""
-    return F.linear(x, weight if order is None else weight[:, order], bias)
+def linear_in_order(x: Tensor, weight: Tensor, bias: Optional[Tensor], order: Tensor) -> Tensor:
+    """A Linear of channel-major tokens applied to tokens whose features come in ``order``: the
+    same function, with the weight's columns read in that order."""
+    return F.linear(x, weight[:, order], bias)
+
+
+def _in_order(parameter: Optional[Tensor], order: Tensor) -> Optional[Tensor]:
+    return None if parameter is None else parameter[order]
 
 
 PIXEL_NORMS = ("layernorm", "rmsnorm", "none")
@@ -45,19 +50,48 @@ def pixel_norm(kind: str, dim: int) -> nn.Module:
     raise T2TViTError(f"unknown pixel norm {kind!r}; choose one of {', '.join(PIXEL_NORMS)}")
 
 
-class T2TLayer(nn.Module):
-    """What both T2T layers share: ``norm1`` of tokens in channel-major or pixel-major order."""
+PLAIN_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.Identity)
 
-    def norm1_in_order(self, x: Tensor, order: Optional[Tensor]) -> Tensor:
-        """``norm1`` (LayerNorm, RMSNorm or Identity) of tokens whose features come in ``order``
-        (see :meth:`SoftSplit.split`), its per-feature parameters read in that order."""
-        if order is None:
-            return self.norm1(x)
+
+def reads_in_order(layer: "T2TLayer") -> bool:
+    """Whether ``layer`` can read pixel-major tokens through its parameters (see :class:`T2TLayer`)."""
+    plain = type(layer.norm1) in PLAIN_NORMS and type(layer.first_projection()) is nn.Linear
+    return plain and not any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules_read_in_order())
+
+
+class T2TLayer(nn.Module):
+    """What both T2T layers share: reading the soft split's tokens in either feature order.
+
+    Pixel-major tokens (``order`` given, see :meth:`t2t_vit.t2t.SoftSplit.split`) go through
+    ``norm1`` and the first projection as functions of their parameters read in ``order``. That is
+    the modules' function only while they are torch's own modules without hooks; otherwise (a LoRA
+    or quantization wrapper, a forward hook) the tokens are put back in channel-major order first
+    and every module runs as a module.
+    """
+
+    def first_projection(self) -> nn.Module:
+        raise NotImplementedError
+
+    def modules_read_in_order(self) -> List[nn.Module]:
+        """The modules whose forward the pixel-major path does not call."""
+        return [self.norm1, self.first_projection()]
+
+    def channel_major_unless_read_in_order(self, x: Tensor, order: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        if torch.jit.is_scripting():  # (the branches below are not compiled: a scripted model has no hooks)
+            return x, order
+        elif order is None or reads_in_order(self):
+            return x, order
+        else:
+            return x[..., torch.argsort(order)], None
+
+    def norm1_in_order(self, x: Tensor, order: Tensor) -> Tensor:
+        """``norm1`` (LayerNorm, RMSNorm or Identity) of tokens whose features come in ``order``."""
         # hasattr, unlike isinstance, is resolved when scripting
         if hasattr(self.norm1, "bias"):  # LayerNorm
-            return F.layer_norm(x, [x.shape[-1]], self.norm1.weight[order], self.norm1.bias[order], self.norm1.eps)
-        elif hasattr(self.norm1, "weight"):  # RMSNorm
-            return F.rms_norm(x, [x.shape[-1]], self.norm1.weight[order], self.norm1.eps)
+            weight, bias = _in_order(self.norm1.weight, order), _in_order(self.norm1.bias, order)
+            return F.layer_norm(x, [x.shape[-1]], weight, bias, self.norm1.eps)
+        elif hasattr(self.norm1, "eps"):  # RMSNorm
+            return F.rms_norm(x, [x.shape[-1]], _in_order(self.norm1.weight, order), self.norm1.eps)
         else:
             return x
 
@@ -75,11 +109,21 @@ class TokenTransformer(T2TLayer):
         self.norm2 = nn.LayerNorm(out_dim)
         self.mlp = Mlp(out_dim, int(out_dim * mlp_ratio), out_dim)
 
+    def first_projection(self) -> nn.Module:
+        return self.attn.qkv
+
+    def modules_read_in_order(self) -> List[nn.Module]:
+        return [self.norm1, self.attn, self.attn.qkv]
+
     def forward(self, x: Tensor, order: Optional[Tensor] = None) -> Tensor:
         """``order``: the channel-major index of each feature of pixel-major tokens (SoftSplit.split)."""
-        qkv = self.attn.qkv
-        q, k, v = linear_in_order(self.norm1_in_order(x, order), qkv.weight, qkv.bias, order).chunk(3, dim=-1)
-        x = self.attn.attend(q, k, v)
+        x, order = self.channel_major_unless_read_in_order(x, order)
+        if order is None:
+            x = self.attn(self.norm1(x))
+        else:
+            qkv = self.attn.qkv
+            q, k, v = linear_in_order(self.norm1_in_order(x, order), qkv.weight, qkv.bias, order).chunk(3, dim=-1)
+            x = self.attn.attend(q, k, v)
         return x + self.mlp(self.norm2(x))
 
 
@@ -181,9 +225,16 @@ class TokenPerformer(T2TLayer):
         """Linear-time attention in float32, (B, N, out_dim)."""
         return self.core(q, k, v, self.w)
 
+    def first_projection(self) -> nn.Module:
+        return self.kqv
+
     def forward(self, x: Tensor, order: Optional[Tensor] = None) -> Tensor:
         """``order``: the channel-major index of each feature of pixel-major tokens (SoftSplit.split)."""
-        kqv = linear_in_order(self.norm1_in_order(x, order), self.kqv.weight, self.kqv.bias, order)
+        x, order = self.channel_major_unless_read_in_order(x, order)
+        if order is None:
+            kqv = self.kqv(self.norm1(x))
+        else:
+            kqv = linear_in_order(self.norm1_in_order(x, order), self.kqv.weight, self.kqv.bias, order)
         k, q, v = kqv[..., : self.out_dim], kqv[..., self.out_dim : 2 * self.out_dim], kqv[..., 2 * self.out_dim :]
         y = self.core(q, k, v, self.w).to(v.dtype)
         y = v + self.dp(self.proj(y))

@@ -3,7 +3,8 @@
 One run times, for each T2T-ViT model, the paper's formulation in fp32 and under bf16 autocast,
 our defaults in fp32, our explicit bf16 inference model, the model under ONNX Runtime and
 (opt-in) ``torch.compile``; beside the first model, timm's ``deit_small_patch16_224`` and
-``resnet50`` in fp32 and under bf16 autocast (see :mod:`t2t_vit.bench.cases`). The cases of one
+``resnet50`` in fp32, under bf16 autocast, with bf16 weights (inference) and in the compiled and
+runtime modes asked for (see :mod:`t2t_vit.bench.cases`). The cases of one
 (task, batch) are timed in alternation after a warm-up and medians reported; each row has its
 compute floor (counted FLOPs / measured matmul rate), the attention kernel it ran and, in the full
 suite, a ``torch.profiler`` breakdown naming what bounds it. ``--quick`` is the short look (fewer

@@ -34,7 +34,8 @@ def _group_cases(name: str, modes: Iterable[str], others: Iterable[str], task: s
         if (mode == "onnx" or mode in RUNTIME_MODES) and (task != "infer" or device.type != "cpu"):
             continue  # ONNX Runtime and OpenVINO run inference, on the CPU
         cases.append((name, mode))
-    beside = [m for _, m in cases if m in RUNTIME_MODES or m.startswith("compile")]  # timm's models too
+    # timm's models also on the runtimes asked for, and compiled for inference (not every GPU training size)
+    beside = [m for _, m in cases if m in RUNTIME_MODES or (m.startswith("compile") and task == "infer")]
     own = OTHER_INFER_MODES if task == "infer" else OTHER_MODES
     return cases + [(other, mode) for other in others for mode in (*own, *beside)]
 
@@ -104,7 +105,10 @@ def bench_model(
             in_process = [c for c in cases if c[1] not in RUNTIME_MODES]
             warmed, failed = _warm_group(in_process, task, bases, images, labels, img_size, folder, log)
             rows += failed
-            times = time_alternating({k: c["step"] for k, c in warmed.items()}, repeats, device, warm_up=False, log=log)
+            # counting graph breaks resets dynamo, dropping compiled cases warmed before: warm them again
+            recompile = any("graph_breaks" in c for c in warmed.values())
+            times = time_alternating({k: c["step"] for k, c in warmed.items()}, repeats, device, warm_up=recompile,
+                                     log=log)
             elsewhere = _runtime_cases([c for c in cases if c[1] in RUNTIME_MODES], task, batch, img_size, repeats, log)
             warmed.update(elsewhere[0])
             times.update(elsewhere[1])
