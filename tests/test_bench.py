@@ -179,6 +179,8 @@ def test_presets(monkeypatch, tmp_path):
     gpu = _preset(parser.parse_args(["--gpu"]))
     assert "onnx" not in gpu["modes"] and "compile-bf16" in gpu["modes"] and gpu["compile_batches"] is None
     assert set(gpu["compile_models"]) == set(gpu["models"])
+    named = _preset(parser.parse_args(["--models", "t2t_vit_14", "--modes", "compile-bf16"]))
+    assert list(named["compile_models"]) == ["t2t_vit_14"]  # the model asked for is compiled, not a demo one
     runtimes = _preset(parser.parse_args(["--quick", "--runtime", "openvino", "onnxruntime"]))
     assert runtimes["modes"][-5:] == ["openvino", "openvino-bf16", "openvino-int8", "onnx", "onnx-int8"]
 

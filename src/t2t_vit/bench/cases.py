@@ -42,7 +42,6 @@ MODELS = ("t2t_vit_7", "t2t_vit_14", "t2t_vit_t_14", "t2t_vit_24")
 DEFAULT_MODELS = ("t2t_vit_14", "t2t_vit_t_14")
 QUICK_MODELS = ("t2t_vit_14",)
 OTHERS = ("deit_small_patch16_224", "resnet50")  # timm models of T2T-ViT-14's budget (22M, 26M)
-COMPILE_MODELS = ("t2t_vit_7",)
 COMPILE_BATCH = 8
 AGREEMENT_MODEL = "t2t_vit_14"
 RUNTIME_MODES = ("openvino", "openvino-bf16", "openvino-int8", "onnx-int8")  # see t2t_vit.bench.runtimes

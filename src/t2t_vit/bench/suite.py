@@ -14,7 +14,7 @@ import torch
 import t2t_vit
 from t2t_vit.agreement import digits_agreement
 from t2t_vit.bench.cases import (
-    AGREEMENT_MODEL, COMPILE_BATCH, COMPILE_MODELS, OTHER_INFER_MODES, OTHER_MODES, OTHERS, RUNTIME_MODES, build_other, precision_of,
+    AGREEMENT_MODEL, COMPILE_BATCH, OTHER_INFER_MODES, OTHER_MODES, OTHERS, RUNTIME_MODES, build_other, precision_of,
     warm_case,
 )
 from t2t_vit.bench.measure import cpu_isa, forward_flops, matmul_rate, profile_bound, time_alternating, training_memory
@@ -176,12 +176,13 @@ def _memory_rows(name: str, modes: Iterable[str], batch: int, img_size: int, log
 def run_suite(
     models: Iterable[str], modes: Iterable[str], tasks: Iterable[tuple[str, int]], repeats: int,
     memory_batch: int | None, device: torch.device, log: Callable[[str], None] = print,
-    compile_models: Iterable[str] = COMPILE_MODELS, agreement_steps: int = 0,
+    compile_models: Iterable[str] | None = None, agreement_steps: int = 0,
     compile_batches: Iterable[int] | None = (COMPILE_BATCH,), others: Iterable[str] = OTHERS, profile: bool = True,
     img_size: int = 224,
 ) -> dict:
     """The whole benchmark as one dict: matmul rates, timing rows (``others`` timed beside the first
-    model), training-memory rows (CPU), floors and, optionally, bf16 agreement."""
+    model), training-memory rows (CPU), floors and, optionally, bf16 agreement. Compiled modes run
+    for ``compile_models`` (None: every model)."""
     modes, started = list(modes), time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     load_at_start = (os.getloadavg() if hasattr(os, "getloadavg") else None, other_python_processes())
     rates = {RATE_KEYS[p]: matmul_rate(dtype, device) for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
@@ -189,7 +190,7 @@ def run_suite(
     rows, memory = [], []
     for index, name in enumerate(models):
         start = time.perf_counter()
-        model_modes = [m for m in modes if not m.startswith("compile") or name in compile_models]
+        model_modes = [m for m in modes if not m.startswith("compile") or compile_models is None or name in compile_models]
         rows += bench_model(name, model_modes, tasks, repeats, device, img_size=img_size, compile_batches=compile_batches, log=log,
                             others=others if index == 0 else (), rates=rates if profile else None)
         if memory_batch and device.type == "cpu":
