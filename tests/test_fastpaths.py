@@ -163,7 +163,7 @@ def test_pixel_major_split_is_the_unfold_tokens_in_its_order(kernel, stride, pad
     torch.manual_seed(0)
     image = torch.randn(2, height * width, channels).transpose(1, 2).reshape(2, channels, height, width)
     image.requires_grad_(True)
-    tokens, order = SoftSplit(kernel, stride, padding, pixel_major=True).split(image)
+    tokens, order = SoftSplit(kernel, stride, padding, channels, pixel_major=True).split(image)
     expected = F.unfold(image, kernel, padding=padding, stride=stride).transpose(1, 2)
     # pixel-major feature (row·k + column)·C + channel is channel-major feature (channel·k + row)·k + column
     assert order.tolist() == [(c * kernel + r) * kernel + q for r in range(kernel) for q in range(kernel)
@@ -179,7 +179,7 @@ def test_compiled_split_is_one_opaque_copy_equal_to_eager():
     # under torch.compile the pixel-major gather is a custom op (inductor fused it into scalar index code)
     image = torch.randn(2, 16, 12, 12).transpose(2, 3)  # a non-contiguous view, as after restructurize
     torch.library.opcheck(torch.ops.t2t_vit.pixel_major_patches, (image, 3, 2, 1))
-    split = SoftSplit(3, 2, 1, pixel_major=True)
+    split = SoftSplit(3, 2, 1, 16, pixel_major=True)
     graphs = []
 
     def count_graphs(gm, example_inputs):

@@ -136,9 +136,11 @@ class SoftSplit(nn.Module):
     its parameters in ``order`` instead.
     """
 
-    def __init__(self, kernel: int, stride: int, padding: int, pixel_major: bool = False) -> None:
+    def __init__(self, kernel: int, stride: int, padding: int, channels: int = 0, pixel_major: bool = False) -> None:
         super().__init__()
-        self.kernel, self.stride, self.padding = kernel, stride, padding
+        if pixel_major and channels < 1:
+            raise ValueError("a pixel-major soft split needs the number of input channels")
+        self.kernel, self.stride, self.padding, self.channels = kernel, stride, padding, channels
         self.soft_split_method = switchboard.default("soft_split")
         self.pixel_major = pixel_major
 
@@ -154,9 +156,10 @@ class SoftSplit(nn.Module):
         if self.soft_split_method != "strided" or not self.pixel_major:
             return self(image), None
         k, s, p = self.kernel, self.stride, self.padding
-        # derived from the input, not kept in a buffer that meta-device construction would leave empty
-        order = torch.arange(image.shape[1] * k * k, device=image.device)
-        order = order.view(image.shape[1], k, k).permute(1, 2, 0).reshape(-1)
+        # made per call from Python ints: a buffer would be left empty by meta-device construction, and
+        # an order computed from the input's shape is not a constant to OpenVINO's static-shape conversion
+        order = torch.arange(self.channels * k * k, device=image.device)
+        order = order.view(self.channels, k, k).permute(1, 2, 0).reshape(-1)
         if torch.jit.is_scripting():  # (the branches below are not compiled)
             return pixel_major_patches(image, k, s, p), order
         elif opaque_gather_wanted(image):
@@ -219,7 +222,7 @@ class T2TModule(nn.Module):
         for index, (kernel, stride, padding) in enumerate(self.specs):
             # the last split stays channel-major: `project` then runs as the module users hook and pick
             pixel_major = index < len(self.specs) - 1
-            self.add_module(f"soft_split{index}", SoftSplit(kernel, stride, padding, pixel_major))
+            self.add_module(f"soft_split{index}", SoftSplit(kernel, stride, padding, width, pixel_major))
             width = width * kernel * kernel
             if index < len(self.specs) - 1:
                 options = dict(kernel_ratio=kernel_ratio, drop=drop_rate) if layer == "performer" else {}
