@@ -102,7 +102,7 @@ def make_step(model: nn.Module, mode: str, task: str, images: Tensor, labels: Te
             with torch.inference_mode(), autocast(device, precision):
                 model(images)
 
-        infer.model = model  # what runs, for the kernel report
+        infer.model, infer.images, infer.precision = model, images, precision  # what runs (kernel report, graph breaks)
         return infer
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
@@ -116,7 +116,7 @@ def make_step(model: nn.Module, mode: str, task: str, images: Tensor, labels: Te
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    train.model = model
+    train.model, train.images, train.precision = model, images, precision
     return train
 
 
@@ -188,11 +188,7 @@ def warm_case(
     kernel = kernel_summary(name, getattr(step, "model", model), mode, task, img_size, device.type)
     case.update(step=step, kernel=kernel)
     if mode.startswith("compile"):
-        ran = getattr(step.model, "_orig_mod", step.model)
-        if task == "infer" and mode == "compile-bf16":  # bf16 weights, no autocast
-            case["graph_breaks"] = graph_breaks(ran, images.to(torch.bfloat16), "fp32")
-        else:
-            case["graph_breaks"] = graph_breaks(ran, images, precision_of(mode))
+        case["graph_breaks"] = graph_breaks(getattr(step.model, "_orig_mod", step.model), step.images, step.precision)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         case["peak_mb"] = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
