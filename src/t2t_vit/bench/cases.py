@@ -80,13 +80,18 @@ def build_other(name: str, img_size: int = 224) -> nn.Module:
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
+def compile_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` under ``torch.compile`` (inductor) for inference: on the CPU with its weights frozen
+    into the graph, which inductor needs to pre-pack them for oneDNN."""
+    return torch.compile(model, backend="inductor", options=dict(freezing=device.type == "cpu"))
+
+
 def make_step(model: nn.Module, mode: str, task: str, images: Tensor, labels: Tensor) -> Callable[[], None]:
     """A closure running one inference forward or one SGD training step of ``model`` in ``mode``.
 
     Inference in modes ``bf16`` and ``compile-bf16`` runs the explicit bf16 model of
     ``for_inference`` (no autocast); every other bf16 mode, and every bf16 training step, runs
-    under bf16 autocast. Compiled inference on the CPU freezes the weights into the graph (what
-    inductor needs to pre-pack them for oneDNN).
+    under bf16 autocast. Compiled inference: :func:`compile_for_inference`.
     """
     precision, device = precision_of(mode), images.device
     compiled = mode.startswith("compile")
@@ -96,7 +101,7 @@ def make_step(model: nn.Module, mode: str, task: str, images: Tensor, labels: Te
             model, precision = for_inference(model, dtype=torch.bfloat16), "fp32"
             images = images.to(torch.bfloat16)
         if compiled:
-            model = torch.compile(model, backend="inductor", options=dict(freezing=device.type == "cpu"))
+            model = compile_for_inference(model, device)
 
         def infer() -> None:
             with torch.inference_mode(), autocast(device, precision):
